@@ -1,0 +1,121 @@
+"""Building blocks shared by every tower: dense layers and norms with logical axis names,
+activations by name, and the attention core.
+
+Logical axis names used on parameters (mapped to mesh axes by `blip2_jax.sharding.RULES`):
+  "embed" model width, "mlp" FFN width, "heads" attention heads, "kv" head dim, "vocab",
+  "layers" scanned layer axis, "norm" norm scales/biases, "conv" patch-conv spatial/channel dims,
+  "position" position tables, "relpos" T5 relative buckets.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+NEG_INF = -1e9  # additive mask value; finite so fully-masked rows stay NaN-free
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r} (supported: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def precision(dtype: Dtype):
+    """float32 parity with the reference needs full-precision matmuls on TPU/GPU too;
+    half-precision compute is chosen with `dtype`, not by silently lowering float32 matmuls."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def logical(init: Callable, names: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias; kernel (in, out) annotated with `axes=(in_axis, out_axis)`."""
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", logical(self.kernel_init, self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=precision(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", logical(nn.initializers.zeros, (self.axes[1],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+               use_bias: bool = True, use_scale: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+        scale_init=logical(nn.initializers.ones, ("norm",)),
+        bias_init=logical(nn.initializers.zeros, ("norm",)), name=name)
+
+
+def split_heads(x: Array, num_heads: int) -> Array:
+    """[B, T, H*D] -> [B, T, H, D]."""
+    return x.reshape(x.shape[:-1] + (num_heads, x.shape[-1] // num_heads))
+
+
+def merge_heads(x: Array) -> Array:
+    """[B, T, H, D] -> [B, T, H*D]."""
+    return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None, bias: Array | None = None,
+              scale: float | None = None) -> Array:
+    """Softmax attention with float32 logits and softmax.
+
+    q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; mask: bool, broadcastable to [B, H, Tq, Tk]
+    (True = may attend); bias: additive float, broadcastable to [B, H, Tq, Tk].
+    `scale` defaults to D**-0.5 (T5 passes 1.0). Returns [B, Tq, H, D] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    prec = precision(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=prec,
+                        preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=prec)
+
+
+def padding_mask(key_mask: Array) -> Array:
+    """[B, Tk] (1 = real token) -> bool [B, 1, 1, Tk]."""
+    return key_mask.astype(bool)[:, None, None, :]
+
+
+def causal_mask(tq: int, tk: int, offset: int | Array = 0) -> Array:
+    """bool [1, 1, Tq, Tk]: query i (at absolute position offset+i) sees keys 0..offset+i."""
+    qpos = jnp.arange(tq)[:, None] + offset
+    return (jnp.arange(tk)[None, :] <= qpos)[None, None]

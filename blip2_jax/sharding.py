@@ -1,0 +1,79 @@
+"""The device mesh and the one table of logical-axis rules.
+
+Parameters are annotated with logical names where they are created (`models/layers.py`);
+activations are pinned with `nn.with_logical_constraint`. This table maps both to mesh axes.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or axes, or None = replicated). The only place this mapping lives.
+RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("conv", None),
+    ("position", None),
+    ("relpos", None),
+    ("queries", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices. Auto axes (linen)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one -1")
+    if -1 in shape:
+        rest = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = len(devices) // rest
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                         f"{len(devices)} are available")
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh, rules=RULES):
+    """A pytree of logical PartitionSpecs (from `nn.get_partition_spec`) -> NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def param_shardings(abstract_variables, mesh: Mesh, rules=RULES):
+    """Shardings for the boxed (`nn.Partitioned`) output of `jax.eval_shape(model.init, ...)`."""
+    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading axis split over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def constrain(x, names: Sequence[str | None]):
+    """Pin an activation's layout by logical names (a no-op outside a mesh context)."""
+    return nn.with_logical_constraint(x, tuple(names))
