@@ -111,6 +111,9 @@ class OPTConfig:
     bos_token_id: int = 2
     eos_token_id: int = 50118  # BLIP-2 checkpoints end captions with "\n"
     tie_word_embeddings: bool = True
+    dropout: float = 0.1  # residual-branch dropout, active only with deterministic=False
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5  # not a transformers field: torch.nn.LayerNorm's default
 
     model_type = "opt"
     is_encoder_decoder = False
@@ -144,6 +147,8 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    dropout_rate: float = 0.1
+    initializer_factor: float = 1.0
     # transformers 5: real FlanT5 checkpoints are untied (own lm_head, no d_model**-0.5 rescale).
     tie_word_embeddings: bool = False
     scale_decoder_outputs: bool = False
