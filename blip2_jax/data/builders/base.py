@@ -1,0 +1,147 @@
+"""What every corpus builder shares: feature specs, manual-file checks, image ids, preparing.
+
+Builders are TFDS `GeneratorBasedBuilder`s that write array_record files. Images are handed to
+TFDS as the encoded bytes found on disk (JPEG/PNG/...), so building needs neither TensorFlow
+nor an image decoder; decoding (and counting bad images) happens in the input pipeline. The
+files are read back with `tfds.data_source` (random access) and fed to grain.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core import utils as tfds_utils
+
+VERSION = tfds.core.Version("1.0.0")
+_GQA_LETTER_OFFSET = 10**9  # "n161313" -> 1_000_161_313, apart from the numeric ids
+
+
+def image_feature(encoding: str = "jpeg") -> tfds.features.Image:
+    """Any-size RGB image; bytes given to it are stored untouched (no re-encoding)."""
+    return tfds.features.Image(shape=(None, None, 3), encoding_format=encoding)
+
+
+def caption_features(encoding: str = "jpeg", **extra) -> tfds.features.FeaturesDict:
+    """image, image_id, file_name, captions (list of str) + `extra` features."""
+    return tfds.features.FeaturesDict({
+        "image": image_feature(encoding),
+        "image_id": np.int64,
+        "file_name": tfds.features.Text(),
+        "captions": tfds.features.Sequence(tfds.features.Text()),
+        **extra,
+    })
+
+
+def vqa_features(**extra) -> tfds.features.FeaturesDict:
+    """image, image_id, file_name, question_id, question, answers (list of str) + `extra`."""
+    return tfds.features.FeaturesDict({
+        "image": image_feature("jpeg"),
+        "image_id": np.int64,
+        "file_name": tfds.features.Text(),
+        "question_id": np.int64,
+        "question": tfds.features.Text(),
+        "answers": tfds.features.Sequence(tfds.features.Text()),
+        **extra,
+    })
+
+
+def image_id_from_name(name: str) -> int:
+    """The integer id in a file name or id string: COCO_val2014_000000391895.jpg -> 391895,
+    '1000092795.jpg' -> 1000092795, GQA's 'n161313' -> 1_000_161_313."""
+    stem = Path(str(name)).stem
+    m = re.search(r"(\d+)$", stem)
+    if m is None:
+        raise ValueError(f"no numeric id in image name {name!r}")
+    number = int(m.group(1))
+    return number + _GQA_LETTER_OFFSET if stem[: m.start()] == "n" else number
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+    """GeneratorBasedBuilder whose `code_path` is the class's file.
+
+    tfds 4.9's own `code_path` reaches for the `importlib_resources` backport, which it only
+    declares as a dependency for Python < 3.9; this keeps building free of it.
+    """
+
+    VERSION = VERSION
+
+    @tfds_utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))
+
+
+class ManualBuilder(Builder):
+    """Base of the builders that read a corpus from local files under `manual_dir`.
+
+    Subclasses set MANUAL_DOWNLOAD_INSTRUCTIONS (the expected layout) and implement `_features`
+    and `_split_generators`; `manual_file` gives an existing path or names the missing file.
+    """
+
+    HOMEPAGE = ""
+    DESCRIPTION = ""
+
+    def _features(self) -> tfds.features.FeaturesDict:
+        raise NotImplementedError
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # DatasetInfo directly: `dataset_info_from_configs` wants metadata files beside the class.
+        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                     features=self._features(), homepage=self.HOMEPAGE)
+
+    def manual_root(self, dl_manager) -> Path:
+        try:
+            return Path(dl_manager.manual_dir)
+        except AssertionError:  # tfds: the folder is missing or empty
+            return Path(getattr(dl_manager, "_manual_dir", None) or "<manual_dir>")
+
+    def manual_file(self, dl_manager, *candidates: str) -> Path:
+        """The first existing `manual_dir/candidate`; else FileNotFoundError naming it."""
+        root = self.manual_root(dl_manager)
+        for rel in candidates:
+            if (root / rel).exists():
+                return root / rel
+        raise FileNotFoundError(
+            f"{self.name}: expected file {root / candidates[0]} is missing. "
+            f"Expected layout of manual_dir:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+def read_image(path: Path, *, builder: str) -> bytes:
+    """The file's encoded bytes; a missing image of a curated corpus names the file."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{builder}: expected image file {path} is missing") from e
+
+
+def prepare(builder_cls, data_dir: str | Path, manual_dir: str | Path | None = None,
+            **builder_kwargs) -> tfds.core.DatasetBuilder:
+    """Builds (once) the array_record files of `builder_cls` under `data_dir`; returns the builder."""
+    builder = builder_cls(data_dir=str(data_dir), file_format="array_record", **builder_kwargs)
+    if not builder.is_prepared():
+        config = tfds.download.DownloadConfig(
+            manual_dir=None if manual_dir is None else str(manual_dir))
+        builder.download_and_prepare(download_config=config)
+    return builder
+
+
+def log_skipped(builder: str, counts: dict[str, int]) -> None:
+    if any(counts.values()):
+        logging.warning("%s: skipped records while building: %s", builder, counts)
+
+
+def unique(items: Iterable[str]) -> list[str]:
+    """Order-preserving de-duplication."""
+    return list(dict.fromkeys(items))
