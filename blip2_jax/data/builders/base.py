@@ -126,10 +126,12 @@ def read_image(path: Path, *, builder: str) -> bytes:
         raise FileNotFoundError(f"{builder}: expected image file {path} is missing") from e
 
 
-def prepare(builder_cls, data_dir: str | Path, manual_dir: str | Path | None = None,
+def prepare(builder_cls, data_dir: str | Path | None, manual_dir: str | Path | None = None,
             **builder_kwargs) -> tfds.core.DatasetBuilder:
-    """Builds (once) the array_record files of `builder_cls` under `data_dir`; returns the builder."""
-    builder = builder_cls(data_dir=str(data_dir), file_format="array_record", **builder_kwargs)
+    """Builds (once) the array_record files of `builder_cls` under `data_dir` (None: TFDS's
+    default folder); returns the builder."""
+    builder = builder_cls(data_dir=None if data_dir is None else str(data_dir),
+                          file_format="array_record", **builder_kwargs)
     if not builder.is_prepared():
         config = tfds.download.DownloadConfig(
             manual_dir=None if manual_dir is None else str(manual_dir))
