@@ -1,0 +1,205 @@
+"""Optimizer: schedule values, weight-decay mask, layer-wise LR decay (scanned and unrolled),
+gradient accumulation == large batch. Expected numbers are worked out by hand in each test."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from blip2_jax import optim
+from blip2_jax.train_state import split_params
+
+
+def cfg(**overrides):
+    c = optim.default_config()
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def zeros(*shape):
+    return jnp.zeros(shape, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------
+def test_warmup_cosine_values():
+    # float32 schedule arithmetic on values of size peak_lr: absolute tolerance 1e-6 * peak_lr
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9)
+    s = optim.make_schedule(cfg(init_lr=1e-5, peak_lr=1e-3, min_lr=1e-4, warmup_steps=10,
+                                total_steps=110))
+    close(s(0), 1e-5)  # start of warmup
+    close(s(5), (1e-5 + 1e-3) / 2)  # linear
+    close(s(10), 1e-3)  # end of warmup: peak
+    close(s(60), 1e-4 + (1e-3 - 1e-4) * 0.5)  # cosine half-way
+    close(s(35), 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi / 4)))
+    close(s(110), 1e-4)  # the end: min_lr
+    close(s(500), 1e-4)
+
+
+def test_warmup_constant_and_errors():
+    s = optim.make_schedule(cfg(init_lr=0.0, peak_lr=2e-5, warmup_steps=4, schedule="warmup_constant"))
+    np.testing.assert_allclose([s(0), s(2), s(4), s(10_000)], [0.0, 1e-5, 2e-5, 2e-5], rtol=1e-6,
+                               atol=2e-11)
+    with pytest.raises(ValueError, match="schedule"):
+        optim.make_schedule(cfg(schedule="cosine_restarts"))
+    with pytest.raises(ValueError, match="unknown optim config fields"):
+        optim.make_schedule(ml_collections.ConfigDict(dict(peak_lr=1e-4, lr_typo=1.0)))
+
+
+def test_accepts_whole_config():
+    whole = ml_collections.ConfigDict(dict(optim=dict(peak_lr=3e-4, warmup_steps=0, total_steps=10)))
+    np.testing.assert_allclose(optim.make_schedule(whole)(0), 3e-4, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight decay mask
+# ----------------------------------------------------------------------------------------------
+L = 3
+TREE = {
+    "qformer": {
+        "embeddings": {"word_embeddings": {"embedding": zeros(10, 4)},
+                       "layer_norm": {"scale": zeros(4), "bias": zeros(4)}},
+        "layers": {"attention": {"query": {"kernel": zeros(L, 4, 4), "bias": zeros(L, 4)},
+                                 "q_bias": zeros(L, 4)},  # 1-D per layer, stacked on axis 0
+                   "output_layer_norm": {"scale": zeros(L, 4), "bias": zeros(L, 4)}},
+    },
+    "query_tokens": zeros(1, 5, 4),
+    "temp": zeros(),
+    "vision_proj": {"kernel": zeros(4, 2), "bias": zeros(2)},
+    "vision_model": {"post_layernorm": {"scale": zeros(4), "bias": zeros(4)}},
+}
+DECAYED = {"qformer/embeddings/word_embeddings/embedding", "qformer/layers/attention/query/kernel",
+           "query_tokens", "vision_proj/kernel"}
+
+
+def _flat(tree):
+    return {"/".join(str(k.key) for k in p): v
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_weight_decay_mask():
+    mask = _flat(optim.weight_decay_mask(TREE))
+    assert {k for k, v in mask.items() if v} == DECAYED
+
+
+def test_weight_decay_really_applies_only_to_mask():
+    # zero gradients: Adam's step is 0, so the update is exactly -lr * wd * p on decayed leaves
+    lr, wd = 1e-2, 0.5
+    params = jax.tree.map(lambda x: jnp.full(x.shape, 2.0), TREE)
+    tx = optim.make_optimizer(cfg(init_lr=lr, peak_lr=lr, warmup_steps=0, total_steps=10,
+                                  min_lr=lr, weight_decay=wd), params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    for path, u in _flat(updates).items():
+        expect = -lr * wd * 2.0 if path in DECAYED else 0.0
+        np.testing.assert_allclose(u, np.full(u.shape, expect), rtol=1e-6, err_msg=path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-wise LR decay
+# ----------------------------------------------------------------------------------------------
+def vit_tree(scanned: bool):
+    block = {"fc1": {"kernel": zeros(2, 3), "bias": zeros(3)}, "layer_norm1": {"scale": zeros(2)}}
+    vit = {"embeddings": {"patch_embedding": {"kernel": zeros(1, 1, 3, 2)},
+                          "class_embedding": zeros(2)},
+           "extra": {"kernel": zeros(2, 2)},  # a tower param outside blocks and embeddings
+           "post_layernorm": {"scale": zeros(2)}}
+    if scanned:
+        vit["layers"] = jax.tree.map(lambda x: jnp.zeros((L,) + x.shape), block)
+    else:
+        vit.update({f"layers_{i}": block for i in range(L)})
+    return {"vision_model": vit, "qformer": {"kernel": zeros(2, 2)},
+            "language_model": {"kernel": zeros(2, 2)}}
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_layerwise_lr_decay_scales_updates(scanned):
+    d, lr, wd = 0.5, 1e-3, 0.1
+    params, _ = split_params(jax.tree.map(lambda x: jnp.full(x.shape, 1.0), vit_tree(scanned)),
+                             [r"^language_model/"])  # fine-tuning: the ViT is trainable
+    tx = optim.make_optimizer(cfg(init_lr=lr, peak_lr=lr, min_lr=lr, warmup_steps=0, total_steps=10,
+                                  weight_decay=wd, layerwise_lr_decay=d), params)
+    # unit gradients: Adam's first step is g / (|g| + eps) = 1 (to 1e-8) on every element
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates = _flat(tx.update(grads, tx.init(params), params)[0])
+    decayed = _flat(optim.weight_decay_mask(params))
+
+    def expect(path, scale):  # the layer scale multiplies both the Adam step and the decay term
+        return -lr * scale * (1.0 + (wd * 1.0 if decayed[path] else 0.0))
+
+    # LAVIS ids with L blocks: embeddings 0 -> d**(L+1), block i -> d**(L-i), others L -> d**1
+    for path, u in updates.items():
+        u = np.asarray(u)
+        if path.startswith("vision_model/layers/"):
+            for i in range(L):
+                np.testing.assert_allclose(u[i], expect(path, d ** (L - i)), rtol=1e-6, err_msg=path)
+            continue
+        if path.startswith("vision_model/layers_"):
+            scale = d ** (L - int(path.split("/")[1].split("_")[1]))
+        elif path.startswith("vision_model/embeddings/"):
+            scale = d ** (L + 1)
+        elif path.startswith("vision_model/extra/"):
+            scale = d
+        else:  # post_layernorm (ln_vision, outside the ViT in LAVIS), qformer
+            scale = 1.0
+        np.testing.assert_allclose(u, np.full(u.shape, expect(path, scale)), rtol=1e-6, err_msg=path)
+    # the ratio between consecutive blocks is d, the last block gets d**1
+    first = "vision_model/layers/fc1/kernel" if scanned else "vision_model/layers_0/fc1/kernel"
+    last = "vision_model/layers/fc1/kernel" if scanned else f"vision_model/layers_{L - 1}/fc1/kernel"
+    u0 = np.asarray(updates[first])[0] if scanned else np.asarray(updates[first])
+    u_last = np.asarray(updates[last])[L - 1] if scanned else np.asarray(updates[last])
+    np.testing.assert_allclose(u0 / u_last, d ** (L - 1), rtol=1e-6)
+
+
+def test_layerwise_scales_shapes_for_scanned_leaves():
+    scales = optim.layerwise_lr_scales(vit_tree(True), 0.9, r"^vision_model/",
+                                       r"^vision_model/post_layernorm", r"(^|/)embeddings(/|$)")
+    s = scales["vision_model"]["layers"]["fc1"]["kernel"]
+    assert s.shape == (L, 1, 1)
+    np.testing.assert_allclose(s[:, 0, 0], [0.9 ** 3, 0.9 ** 2, 0.9], rtol=1e-6)
+    assert scales["vision_model"]["layers"]["fc1"]["bias"].shape == (L, 1)
+    assert scales["qformer"]["kernel"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient accumulation
+# ----------------------------------------------------------------------------------------------
+def test_multisteps_equals_large_batch():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+                        "bias": jnp.zeros(2)}}
+
+    def loss(p, xb, yb):
+        return jnp.mean((xb @ p["dense"]["kernel"] + p["dense"]["bias"] - yb) ** 2)
+
+    common = dict(init_lr=1e-3, peak_lr=1e-2, warmup_steps=2, total_steps=6, min_lr=1e-3,
+                  weight_decay=0.1, grad_clip_norm=0.5)  # clipping active: grads norm > 0.5
+    big = optim.make_optimizer(cfg(**common), params)
+    acc = optim.make_optimizer(cfg(grad_accum_steps=4, **common), params)
+    grad = jax.jit(jax.grad(loss))
+    assert optax_global_norm(grad(params, x, y)) > 0.5
+
+    p_big, s_big = params, big.init(params)
+    p_acc, s_acc = params, acc.init(params)
+    for _ in range(3):  # three optimizer steps, so the schedule counts must line up too
+        u, s_big = big.update(grad(p_big, x, y), s_big, p_big)
+        p_big = jax.tree.map(lambda a, b: a + b, p_big, u)
+        for k in range(4):
+            sl = slice(2 * k, 2 * k + 2)
+            u, s_acc = acc.update(grad(p_acc, x[sl], y[sl]), s_acc, p_acc)
+            new = jax.tree.map(lambda a, b: a + b, p_acc, u)
+            if k < 3:  # no update until the 4th micro-batch
+                jax.tree.map(np.testing.assert_array_equal, new, p_acc)
+            p_acc = new
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                     p_acc, p_big)
+
+
+def optax_global_norm(tree):
+    return float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree))))
