@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "scikit-image", "nbclient", "ipykernel", "nbformat"],
-        "eval": ["pycocoevalcap"],
+        "eval": ["pycocoevalcap", "lemminflect"],
         "tpu": ["jax[tpu]", "gcsfs"],
     },
 )
