@@ -93,7 +93,7 @@ def test_weight_decay_really_applies_only_to_mask():
     params = jax.tree.map(lambda x: jnp.full(x.shape, 2.0), TREE)
     tx = optim.make_optimizer(cfg(init_lr=lr, peak_lr=lr, warmup_steps=0, total_steps=10,
                                   min_lr=lr, weight_decay=wd), params)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     for path, u in _flat(updates).items():
         expect = -lr * wd * 2.0 if path in DECAYED else 0.0
         np.testing.assert_allclose(u, np.full(u.shape, expect), rtol=1e-6, err_msg=path)
@@ -125,7 +125,7 @@ def test_layerwise_lr_decay_scales_updates(scanned):
                                   weight_decay=wd, layerwise_lr_decay=d), params)
     # unit gradients: Adam's first step is g / (|g| + eps) = 1 (to 1e-8) on every element
     grads = jax.tree.map(jnp.ones_like, params)
-    updates = _flat(tx.update(grads, tx.init(params), params)[0])
+    updates = _flat(jax.jit(tx.update)(grads, tx.init(params), params)[0])
     decayed = _flat(optim.weight_decay_mask(params))
 
     def expect(path, scale):  # the layer scale multiplies both the Adam step and the decay term
@@ -203,3 +203,35 @@ def test_multisteps_equals_large_batch():
 
 def optax_global_norm(tree):
     return float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree))))
+
+
+def test_sharded_update_equals_single_device():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from blip2_jax.sharding import make_mesh
+
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+                          vit_tree(True))
+    params["vision_model"]["layers"]["fc1"]["kernel"] = jnp.asarray(rng.normal(size=(L, 8, 4)),
+                                                                    jnp.float32)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    tx = optim.make_optimizer(cfg(warmup_steps=1, total_steps=10, layerwise_lr_decay=0.8,
+                                  grad_clip_norm=1.0), params)
+
+    @jax.jit
+    def two_steps(p, g):
+        s = tx.init(p)
+        for _ in range(2):
+            u, s = tx.update(g, s, p)
+            p = jax.tree.map(lambda a, b: a + b, p, u)
+        return p
+
+    ref = two_steps(jax.device_put(params, jax.devices()[0]), grads)
+    mesh = make_mesh((1, 4, 2))
+    stacked = NamedSharding(mesh, P(None, "fsdp", "tensor"))  # [L, 8, 4]: in over fsdp, out over tensor
+    sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), params)
+    sharded["vision_model"]["layers"]["fc1"]["kernel"] = jax.device_put(
+        params["vision_model"]["layers"]["fc1"]["kernel"], stacked)
+    got = two_steps(sharded, grads)
+    assert got["vision_model"]["layers"]["fc1"]["kernel"].sharding.is_equivalent_to(stacked, 3)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), got, ref)
