@@ -42,6 +42,7 @@ from typing import Any
 
 import grain
 import jax
+from absl import flags
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -347,6 +348,8 @@ def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = 
     it_ds = ds.to_iter_dataset(read)
     mp = grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                       per_worker_buffer_size=cfg.worker_buffer_size)
+    if cfg.worker_count and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (defaults outside absl)
     if cfg.train:  # batch inside the workers: the main process only hands batches on
         it_ds = BatchIterDataset(it_ds, local_batch, drop_remainder=True)
         if cfg.worker_count:

@@ -1,7 +1,7 @@
 """TFDS builders (array_record) for the corpora BLIP-2 trains and is evaluated on.
 
 Name (as in `config.input.dataset`, optionally "name/config") -> builder:
-  synthetic_shapes     built-in offline scenes (configs: default, tiny, large)
+  synthetic_shapes     built-in offline scenes (configs: default, tiny, large) (synthetic_shapes.py)
   coco_karpathy        COCO captions, Karpathy split       (captions.py)
   flickr30k_karpathy   Flickr30k, Karpathy split           (captions.py)
   nocaps               NoCaps validation                   (captions.py)
@@ -24,7 +24,7 @@ from blip2_jax.data.builders.base import prepare
 from blip2_jax.data.builders.captions import CocoKarpathy, Flickr30kKarpathy, NoCaps, VgRegions
 from blip2_jax.data.builders.vqa import GqaBalanced, OkVqa, Vqav2
 from blip2_jax.data.builders.web import ImageTextPairs
-from blip2_jax.data.synthetic_shapes import SyntheticShapes
+from blip2_jax.data.builders.synthetic_shapes import SyntheticShapes
 
 BUILDERS = {cls.name: cls for cls in (
     SyntheticShapes, CocoKarpathy, Flickr30kKarpathy, NoCaps, VgRegions, Vqav2, OkVqa,
