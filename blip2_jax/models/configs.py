@@ -204,6 +204,9 @@ class Blip2Config:
     def from_hf(cls, d: dict[str, Any]) -> "Blip2Config":
         text = None
         tc = d.get("text_config")
+        # transformers always fills text_config; the retrieval model ignores it.
+        if "Blip2ForImageTextRetrieval" in d.get("architectures", ()):
+            tc = None
         if tc is not None:
             mt = tc.get("model_type", "opt")
             if mt == "opt":

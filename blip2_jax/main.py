@@ -1,0 +1,225 @@
+r"""The trainer: stage 1, stage 2 and fine-tuning of BLIP-2 on a device mesh.
+
+  python -m blip2_jax.main --config=configs/stage2_opt.py --workdir=/tmp/run \
+      [--config.total_steps=1000 ...]
+
+`train()` reads top to bottom: config -> mesh -> model & params (frozen / trainable) ->
+optimizer -> input -> compiled step -> resume -> loop (log, evaluate, checkpoint, SIGTERM,
+non-finite guard).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (local or gs://).")
+
+
+class UserError(ValueError):
+    """A problem with the configuration or inputs, reported as one line."""
+
+
+class TrainingHalted(RuntimeError):
+    """The run stopped on purpose (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def train(config, workdir: str) -> dict:
+    """Runs training to `config.total_steps`; returns the last logged metrics."""
+    import jax
+    import numpy as np
+
+    from blip2_jax import checkpoint as ckpt_lib
+    from blip2_jax import metric_writer, optim, sharding, tasks, train_state
+    from blip2_jax.data import pipeline
+    from blip2_jax.evaluators import registry as evaluators
+    from blip2_jax.weights import init as init_lib
+
+    maybe_initialize_distributed(config)
+    # ---------------------------------------------------------------- mesh
+    mesh = sharding.make_mesh(tuple(config.mesh_shape))
+    logging.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
+
+    # ---------------------------------------------------------------- model and parameters
+    model, model_cfg = init_lib.build_model(config.model)
+    task = tasks.get(config.task, model, config)
+    params = init_lib.init_params(model, model_cfg, config, mesh)  # sharded jax.Arrays
+    trainable, frozen = train_state.split_params(params, list(config.frozen_patterns))
+    del params
+    frozen = train_state.cast_frozen(frozen, config.model.get("frozen_param_dtype", "bfloat16"))
+    logging.info("parameters: trainable %.2fM, frozen %.2fM", _count(trainable) / 1e6, _count(frozen) / 1e6)
+
+    # ---------------------------------------------------------------- optimizer and state
+    tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
+    state_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    state = jax.jit(lambda p: train_state.TrainState.create(p, tx))(trainable)
+    del trainable
+
+    # ---------------------------------------------------------------- input
+    train_iter = pipeline.make_train_iterator(config.input, model_cfg=model_cfg, mesh=mesh)
+
+    # ---------------------------------------------------------------- compiled step
+    accum = int(config.get("grad_accum_steps", 1))
+
+    def train_step(state, frozen, batch, rng):
+        def loss_of(p, mb, r):
+            return task.loss(train_state.merge_params(p, frozen), mb, r)
+
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        if accum == 1:
+            (loss, aux), grads = grad_fn(state.params, batch, rng)
+        else:  # gradient accumulation over micro-batches, one optimizer update
+            micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                g_acc, l_acc, a_acc = carry
+                mb, i = xs
+                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jax.numpy.add, g_acc, g), l_acc + l,
+                        jax.tree.map(jax.numpy.add, a_acc, a)), None
+
+            zeros = jax.tree.map(jax.numpy.zeros_like, state.params)
+            (_, a0), _ = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+            a_zero = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), a0)
+            (grads, loss, aux), _ = jax.lax.scan(body, (zeros, 0.0, a_zero), (micro, jax.numpy.arange(accum)))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            loss, aux = loss / accum, jax.tree.map(lambda a: a / accum, aux)
+        new_state = state.apply_gradients(grads, tx)
+        metrics = dict(aux, loss=loss, grad_norm=optim.global_norm(grads), lr=schedule(state.step))
+        return new_state, metrics
+
+    batch_shardings = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(train_step, donate_argnums=(0,),
+                      in_shardings=(None, None, None, sharding.replicated(mesh)),
+                      out_shardings=(None, sharding.replicated(mesh)))
+
+    # ---------------------------------------------------------------- resume
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.get("keep_ckpts", 3)),
+                                 save_every=int(config.ckpt_every),
+                                 async_save=bool(config.get("async_checkpointing", True)))
+    start = 0
+    if ckpt.latest_step() is not None:
+        start, state, data_state = ckpt.restore(ckpt_lib.abstract_like(state))
+        train_iter.set_state(data_state)
+        logging.info("resumed from step %d", start)
+    writer = metric_writer.MetricWriter(workdir)
+    evals = evaluators.from_config(config.get("evals", {}), model=model, model_cfg=model_cfg, mesh=mesh)
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("signal", s))
+    rng0 = jax.random.key(int(config.seed))
+    total, log_every = int(config.total_steps), int(config.log_every)
+    flops, peak = None, optim.peak_flops_per_device(config)
+    last, t_log, steps_since, step = {}, time.time(), 0, start
+    try:
+        for step in range(start, total):
+            batch = next(train_iter)
+            rng = jax.random.fold_in(rng0, step)
+            if flops is None:
+                flops = _step_flops(step_fn, state, frozen, batch, rng)
+            state, metrics = step_fn(state, frozen, batch, rng)
+            steps_since += 1
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss):
+                raise TrainingHalted(f"non-finite loss {loss} at step {step + 1}; the last good checkpoint "
+                                     f"(step {ckpt.latest_step()}) is kept")
+            done = step + 1
+            if done % log_every == 0 or done == total:
+                dt = (time.time() - t_log) / steps_since
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last.update(_throughput(config, dt, flops, peak, total - done))
+                writer.write(done, last)
+                logging.info("step %d/%d %s", done, total,
+                             " ".join(f"{k}={v:.4g}" for k, v in sorted(last.items())))
+                t_log, steps_since = time.time(), 0
+            for name, value in evals.run_due(done, state.params, frozen):
+                writer.write(done, {name: value})
+                last[name] = value
+            ckpt.save(done, state, train_iter.get_state(), force=done == total)
+            if stop["signal"] is not None or _preempted(done):
+                ckpt.save(done, state, train_iter.get_state(), force=True)
+                logging.warning("stopping on signal at step %d after a final save", done)
+                break
+    finally:
+        ckpt.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, previous)
+    return last
+
+
+def maybe_initialize_distributed(config) -> None:
+    """Multi-host start-up: on TPU pods (or when a coordinator address is configured)."""
+    import jax
+    dist = config.get("distributed", None)
+    if dist and dist.get("coordinator_address"):
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize(dist.coordinator_address, int(dist.num_processes), int(dist.process_id))
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def _preempted(step: int) -> bool:
+    """All processes agree on a preemption (SIGTERM to any of them) at the same step."""
+    import jax
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is not running
+        return False
+
+
+def _count(tree) -> int:
+    import jax
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _step_flops(step_fn, *args) -> float | None:
+    """FLOPs of one compiled step from XLA's cost analysis (None where unavailable)."""
+    try:
+        cost = step_fn.lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # cost analysis is best-effort on some backends
+        return None
+
+
+def _throughput(config, step_time: float, flops, peak, steps_left: int) -> dict:
+    import jax
+    out = {"step_time_s": step_time, "images_per_s": config.input.batch_size / step_time,
+           "eta_min": steps_left * step_time / 60}
+    if flops:
+        per_device = flops / step_time / 1e12  # cost analysis is per device for SPMD programs
+        out["tflops_per_device"] = per_device
+        if peak:
+            out["mfu"] = per_device * 1e12 / peak
+    del jax
+    return out
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    workdir = _WORKDIR.value
+    if not workdir:
+        print("error: --workdir is required", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train(_CONFIG.value, workdir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingHalted as e:
+        print(f"halted: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
