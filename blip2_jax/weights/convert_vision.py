@@ -7,7 +7,8 @@ qkv.bias = cat(q_bias, k_bias, v_bias), self_attn.projection, layer_norm2, mlp.f
 `post_layernorm`. The k-bias part of `qkv.bias` is dropped: it adds q.b_k, the same number for every
 key, which the softmax cancels; `to_hf` writes zeros there (what LAVIS and real checkpoints hold).
 
-CLIP (`kind="clip"`): `CLIPVisionModel` names (prefix usually "vision_model."): `embeddings.{
+CLIP (`kind="clip"`): `CLIPVisionModel` names (prefix "vision_model." in `CLIPModel` checkpoints such
+as openai/clip-vit-large-patch14; transformers 5 saves a bare `CLIPVisionModel` without it): `embeddings.{
 class_embedding (D,), position_embedding.weight (N+1,D), patch_embedding.weight}` (no bias),
 `pre_layrnorm`, `encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1,
 mlp.fc2}`. Layers at or beyond `num_hidden_layers` and CLIP's own `post_layernorm` (it normalises the
