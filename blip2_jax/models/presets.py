@@ -62,3 +62,12 @@ def preset(name: str, **overrides) -> Blip2Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def dump_hf_configs(path: str) -> None:
+    """Writes the transformers config.json of each preset with a transformers counterpart (EVA
+    towers; CLIP ViT-L has none) to one JSON file (used by tools/reference_param_counts.py)."""
+    import json
+    out = {n: c.to_hf() for n, c in PRESETS.items() if c.vision.kind == "eva"}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
