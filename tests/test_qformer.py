@@ -265,3 +265,31 @@ def test_dropout_only_when_not_deterministic():
     b = train(variables, image, rngs={"dropout": jax.random.key(3)})
     assert np.abs(a - b).max() > 1e-3
     np.testing.assert_array_equal(b, train(variables, image, rngs={"dropout": jax.random.key(3)}))
+
+
+def test_vit_and_qformer_sharded_on_8_devices():
+    """Parameters shard by their logical names (data x fsdp x tensor = 1 x 2 x 4) and the result
+    is still the reference's."""
+    from blip2_jax import sharding
+    from blip2_jax.models.vit import VisionTransformer
+    from blip2_jax.weights import convert_vision
+
+    cfg, sd, ref = load_case("blip2_itm")
+    vit, qformer = VisionTransformer(cfg.vision), model_of(cfg)
+    pixels = ref["pixel_values"].transpose(0, 2, 3, 1)
+    mesh = sharding.make_mesh((1, 2, 4))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        text = (ref["input_ids"][:2], ref["attention_mask"][:2])
+        shard_v = sharding.param_shardings(jax.eval_shape(vit.init, jax.random.key(0), pixels), mesh)["params"]
+        shard_q = sharding.param_shardings(jax.eval_shape(qformer.init, jax.random.key(0),
+                                                          ref["vision_last_hidden_state"], *text), mesh)["params"]
+        assert tuple(shard_q["layer_0"]["attention"]["query"]["kernel"].spec) == ("fsdp", "tensor")
+        pv = jax.device_put(convert_vision.to_flax(sd, cfg.vision, prefix="vision_model."), shard_v)
+        pq = jax.device_put(convert_qformer.to_flax(sd, cfg), shard_q)
+
+        @jax.jit
+        def features(pv, pq, x):
+            return qformer.apply({"params": pq}, vit.apply({"params": pv}, x), method="query_features")
+
+        out = features(pv, pq, jax.device_put(pixels, sharding.batch_sharding(mesh, 4)))
+    assert max_diff(out, ref["qformer_query_output"]) <= TOL

@@ -159,7 +159,9 @@ class TextEmbeddings(nn.Module):
     def setup(self):
         cfg = self.config
         init = nn.initializers.normal(0.02)
-        self.word_embeddings = self.param("word_embeddings", logical(init, ("vocab", "embed")),
+        # The vocabulary axis is not sharded: BERT's 30522 + [DEC] = 30523 rows divide by no mesh
+        # size, and the table is small.
+        self.word_embeddings = self.param("word_embeddings", logical(init, (None, "embed")),
                                           (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
         self.position_embeddings = self.param("position_embeddings", logical(init, ("position", "embed")),
                                               (cfg.max_position_embeddings, cfg.hidden_size), self.param_dtype)
@@ -192,9 +194,9 @@ class LMHead(nn.Module):
         if self.tie:
             logits = embeddings.attend(h)
         else:
-            logits = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+            logits = Dense(cfg.vocab_size, ("embed", None), use_bias=False, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="decoder")(h)
-        bias = self.param("bias", logical(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+        bias = self.param("bias", logical(nn.initializers.zeros, (None,)), (cfg.vocab_size,),
                           self.param_dtype)
         return logits + bias.astype(self.dtype)
 

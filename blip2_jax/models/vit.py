@@ -118,7 +118,7 @@ class VisionEmbeddings(nn.Module):
         patches = nn.Conv(
             d, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.kind == "eva",
             dtype=self.dtype, param_dtype=self.param_dtype, precision=precision(self.dtype),
-            kernel_init=logical(nn.initializers.normal(0.02), ("conv", "conv", "conv", "embed")),
+            kernel_init=logical(nn.initializers.normal(0.02), (None, None, "conv", "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)), name="patch_embedding",
         )(pixel_values.astype(self.dtype))
         patches = patches.reshape(b, -1, d)
