@@ -252,6 +252,14 @@ def test_convert_errors_name_the_tensor():
         convert_t5.to_flax({k: v for k, v in sd.items() if k != key}, FLAN, prefix=PREFIX)
     with pytest.raises(ValueError, match=r"\(8, 15\).*\(8, 16\)"):
         convert_t5.to_flax(dict(sd, **{key: np.zeros((8, 15), np.float32)}), FLAN, prefix=PREFIX)
+    shared = sd[PREFIX + "shared.weight"]
+    old_style = dict(sd, **{PREFIX + "encoder.embed_tokens.weight": shared,
+                            PREFIX + "decoder.embed_tokens.weight": shared})
+    jax.tree.map(np.testing.assert_array_equal, convert_t5.to_flax(old_style, FLAN, prefix=PREFIX),
+                 convert_t5.to_flax(sd, FLAN, prefix=PREFIX))
+    with pytest.raises(ValueError, match="encoder.embed_tokens.weight differs"):
+        convert_t5.to_flax(dict(old_style, **{PREFIX + "encoder.embed_tokens.weight": shared + 1}),
+                           FLAN, prefix=PREFIX)
     with pytest.raises(KeyError, match="wi_0"):  # a ReLU checkpoint read as gated
         convert_t5.to_flax({PREFIX + k: v for k, v in small_state_dict("orig").items()},
                            dataclasses.replace(ORIG, is_gated_act=True), prefix=PREFIX)

@@ -10,7 +10,8 @@ inside `Blip2ForConditionalGeneration`; checked on transformers 5.23 files):
   {encoder,decoder}.block.N.layer.{1 enc | 2 dec}.DenseReluDense.{wi_0, wi_1 | wi, wo}.weight
   {encoder,decoder}.block.N.layer.{1|2}.layer_norm.weight, {encoder,decoder}.final_layer_norm.weight
 `encoder.embed_tokens.weight` / `decoder.embed_tokens.weight` (old files store copies of `shared`)
-are not read. transformers 5 ties the head to `shared` when the file has no `lm_head.weight`, and
+must equal `shared.weight`; `decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight`
+(unused, some old files have it) is ignored, as transformers does. transformers 5 ties the head to `shared` when the file has no `lm_head.weight`, and
 unties it when the file has one that differs: `resolve_tied_head` mirrors that on the config.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from blip2_jax.models.configs import T5Config
 from blip2_jax.weights.convert_opt import Reader, stack_layers, unstack_layers
 
 _QKVO = ("q", "k", "v", "o")
+_UNUSED = "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
 
 
 def resolve_tied_head(state_dict: Mapping[str, np.ndarray], cfg: T5Config, *,
@@ -94,6 +96,11 @@ def to_flax(state_dict: Mapping[str, np.ndarray], cfg: T5Config, *, prefix: str 
         "encoder": _stack_to_flax(r, "encoder", cfg, scan_layers),
         "decoder": _stack_to_flax(r, "decoder", cfg, scan_layers),
     }
+    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        if r.has(alias) and not np.array_equal(r.get(alias, (v, d)), params["shared"]["embedding"]):
+            raise ValueError(f"{prefix}{alias} differs from {prefix}shared.weight (tied in T5)")
+    if r.has(_UNUSED):
+        r.get(_UNUSED, (cfg.relative_attention_num_buckets, cfg.num_heads))
     if cfg.tie_word_embeddings:
         if r.has("lm_head.weight") and not np.array_equal(
                 np.asarray(r.get("lm_head.weight", (v, d))), np.asarray(params["shared"]["embedding"])):
