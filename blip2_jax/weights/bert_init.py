@@ -43,6 +43,18 @@ def num_bert_layers(state_dict: Mapping[str, np.ndarray]) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def _create_every_param(module: QFormer, image, ids, mask):
+    """One pass that touches every parameter (cheaper to compile than `__call__`'s four passes)."""
+    if not module.config.use_qformer_text_input:
+        return module.query_features(image)
+    x = module.multimodal_features(image, ids, mask)
+    q, t = x[:, :module.num_query_tokens], x[:, module.num_query_tokens:]
+    out = (module.itm_logits(x), module.image_embeds(q), module.text_embeds(t), module.temperature())
+    if module.with_lm_head:
+        out += (module.lm_head(t, module.embeddings),)
+    return out
+
+
 def fresh_qformer_params(cfg: Blip2Config, rng, *, with_lm_head: bool = True, tie_lm_head: bool = True) -> dict:
     """Randomly initialised Q-Former params (numpy), the starting point the BERT weights overwrite."""
     qf = cfg.qformer
@@ -50,9 +62,9 @@ def fresh_qformer_params(cfg: Blip2Config, rng, *, with_lm_head: bool = True, ti
                     tie_lm_head=tie_lm_head)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     image = jnp.zeros((1, 1, qf.encoder_hidden_size), jnp.float32)
-    text = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)) if qf.use_qformer_text_input else ()
-    params = jax.jit(model.init)(key, image, *text)["params"]
-    return jax.tree.map(np.asarray, nn.unbox(params))
+    ids, mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
+    init = jax.jit(lambda k: model.init(k, image, ids, mask, method=_create_every_param))
+    return jax.tree.map(np.asarray, nn.unbox(init(key)["params"]))
 
 
 def _pad_rows(bert: np.ndarray, fresh: np.ndarray) -> np.ndarray:
