@@ -34,6 +34,9 @@ def train(config, workdir: str) -> dict:
     import jax
     import numpy as np
 
+    import flax.linen as nn
+    import optax
+
     from blip2_jax import checkpoint as ckpt_lib
     from blip2_jax import metric_writer, optim, sharding, tasks, train_state
     from blip2_jax.data import pipeline
@@ -44,6 +47,21 @@ def train(config, workdir: str) -> dict:
     # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(tuple(config.mesh_shape))
     logging.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
+    # Activations are pinned by the logical-axis rules wherever the model is traced below.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        return _train(config, workdir, mesh)
+
+
+def _train(config, workdir: str, mesh) -> dict:
+    import jax
+    import numpy as np
+    import optax
+
+    from blip2_jax import checkpoint as ckpt_lib
+    from blip2_jax import metric_writer, optim, tasks, train_state
+    from blip2_jax.data import pipeline
+    from blip2_jax.evaluators import registry as evaluators
+    from blip2_jax.weights import init as init_lib
 
     # ---------------------------------------------------------------- model and parameters
     model, model_cfg = init_lib.build_model(config.model)
@@ -56,12 +74,12 @@ def train(config, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- optimizer and state
     tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
-    state_shardings = jax.tree.map(lambda x: x.sharding, trainable)
     state = jax.jit(lambda p: train_state.TrainState.create(p, tx))(trainable)
     del trainable
 
     # ---------------------------------------------------------------- input
-    train_iter = pipeline.make_train_iterator(config.input, model_cfg=model_cfg, mesh=mesh)
+    train_iter = pipeline.make_iterator(config.input)
+    keys = task.batch_keys
 
     # ---------------------------------------------------------------- compiled step
     accum = int(config.get("grad_accum_steps", 1))
@@ -89,14 +107,11 @@ def train(config, workdir: str) -> dict:
             (grads, loss, aux), _ = jax.lax.scan(body, (zeros, 0.0, a_zero), (micro, jax.numpy.arange(accum)))
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss, aux = loss / accum, jax.tree.map(lambda a: a / accum, aux)
-        new_state = state.apply_gradients(grads, tx)
-        metrics = dict(aux, loss=loss, grad_norm=optim.global_norm(grads), lr=schedule(state.step))
+        new_state = state.apply_gradients(grads)
+        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
         return new_state, metrics
 
-    batch_shardings = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(train_step, donate_argnums=(0,),
-                      in_shardings=(None, None, None, sharding.replicated(mesh)),
-                      out_shardings=(None, sharding.replicated(mesh)))
+    step_fn = jax.jit(train_step, donate_argnums=(0,))
 
     # ---------------------------------------------------------------- resume
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.get("keep_ckpts", 3)),
@@ -114,11 +129,12 @@ def train(config, workdir: str) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("signal", s))
     rng0 = jax.random.key(int(config.seed))
     total, log_every = int(config.total_steps), int(config.log_every)
-    flops, peak = None, optim.peak_flops_per_device(config)
+    flops, peak = None, peak_flops_per_device(config)
     last, t_log, steps_since, step = {}, time.time(), 0, start
     try:
         for step in range(start, total):
-            batch = next(train_iter)
+            local = next(train_iter)
+            batch = pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
             rng = jax.random.fold_in(rng0, step)
             if flops is None:
                 flops = _step_flops(step_fn, state, frozen, batch, rng)
@@ -161,6 +177,23 @@ def maybe_initialize_distributed(config) -> None:
             jax.distributed.initialize(dist.coordinator_address, int(dist.num_processes), int(dist.process_id))
     elif os.environ.get("TPU_WORKER_HOSTNAMES") and not jax.distributed.is_initialized():
         jax.distributed.initialize()
+
+
+# bf16 dense matmul peak per chip, for MFU (override with config.peak_flops).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
+              "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops_per_device(config) -> float | None:
+    import jax
+    if config.get("peak_flops"):
+        return float(config.peak_flops)
+    kind = jax.devices()[0].device_kind
+    for name, value in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return value
+    return None
 
 
 def _preempted(step: int) -> bool:

@@ -77,3 +77,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def constrain(x, names: Sequence[str | None]):
     """Pin an activation's layout by logical names (a no-op outside a mesh context)."""
     return nn.with_logical_constraint(x, tuple(names))
+
+
+def unbox(tree):
+    """Strip flax's logical-axis metadata (`nn.Partitioned`) without applying constraints."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)

@@ -32,6 +32,8 @@ class Stage1:
         self.itg_smoothing = float(lc.get("itg_label_smoothing", 0.1))
         self.same_image_positives = bool(lc.get("same_image_positives", False))
         self.weights = {k: float(lc.get(f"{k}_weight", 1.0)) for k in ("itc", "itm", "itg")}
+        self.batch_keys = ("image", "image_id", "qformer_input_ids", "qformer_attention_mask",
+                           "qformer_dec_input_ids")
 
     def loss(self, params, batch, rng):
         apply = self.model.apply
@@ -80,6 +82,12 @@ class LanguageModeling:
         self.question_to_qformer = bool(lc.get("question_to_qformer", False))
         self.label_smoothing = float(lc.get("lm_label_smoothing", 0.0))
         self.encoder_decoder = model.config.is_encoder_decoder
+        keys = ["image", "llm_input_ids", "llm_attention_mask", "llm_labels"]
+        if self.encoder_decoder:
+            keys += ["llm_decoder_input_ids", "llm_decoder_attention_mask"]
+        if self.question_to_qformer:
+            keys += ["qformer_input_ids", "qformer_attention_mask"]
+        self.batch_keys = tuple(keys)
 
     def soft_prompt(self, v, batch, rng):
         apply = self.model.apply

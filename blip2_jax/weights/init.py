@@ -88,14 +88,14 @@ def abstract_params(model: Blip2, cfg: Blip2Config):
 
 
 def param_count(model: Blip2, cfg: Blip2Config) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_params(model, cfg))))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sharding.unbox(abstract_params(model, cfg))))
 
 
 def init_params(model: Blip2, cfg: Blip2Config, config, mesh, seed: int | None = None) -> dict:
     """Parameters as sharded jax.Arrays from `config.init` (see the module docstring)."""
     boxed = abstract_params(model, cfg)
     shardings = sharding.param_shardings(boxed, mesh)
-    abstract = nn.unbox(boxed)
+    abstract = sharding.unbox(boxed)
     loaded = load_sources(cfg, config, abstract)
     seed = int(config.get("seed", 0)) if seed is None else seed
     return place(model, cfg, abstract, shardings, loaded, seed)
@@ -117,7 +117,7 @@ def place(model, cfg, abstract, shardings, loaded: dict, seed: int) -> dict:
                              flat_sh[k]) for k, v in flat_loaded.items()}
     if missing:
         def fresh(rng):
-            p = _flatten(nn.unbox(model.init(rng, **init_inputs(cfg))["params"]))
+            p = _flatten(sharding.unbox(model.init(rng, **init_inputs(cfg))["params"]))
             return {k: p[k] for k in missing}  # XLA drops the initialisers of loaded leaves
         out.update(jax.jit(fresh, out_shardings={k: flat_sh[k] for k in missing})(jax.random.key(seed)))
     return _unflatten(out)

@@ -1,7 +1,7 @@
 """TFDS builders (array_record) for the corpora BLIP-2 trains and is evaluated on.
 
 Name (as in `config.input.dataset`, optionally "name/config") -> builder:
-  synthetic_shapes     built-in offline scenes (configs: default, tiny, large) (synthetic_shapes.py)
+  synthetic_shapes     offline shape scenes; configs default, tiny, large (synthetic_shapes.py)
   coco_karpathy        COCO captions, Karpathy split       (captions.py)
   flickr30k_karpathy   Flickr30k, Karpathy split           (captions.py)
   nocaps               NoCaps validation                   (captions.py)
