@@ -27,7 +27,7 @@ from blip2_jax.models.configs import VisionConfig
 
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers shared by the converters of this package's vision and Q-Former weights
+# Tensor reading and writing shared by the vision and Q-Former converters
 # ----------------------------------------------------------------------------------------------
 class Reader:
     """Reads tensors `prefix + name` from a state dict, checking shapes; collects missing names so
