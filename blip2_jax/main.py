@@ -55,63 +55,23 @@ def train(config, workdir: str) -> dict:
 def _train(config, workdir: str, mesh) -> dict:
     import jax
     import numpy as np
-    import optax
 
     from blip2_jax import checkpoint as ckpt_lib
-    from blip2_jax import metric_writer, optim, tasks, train_state
+    from blip2_jax import metric_writer
     from blip2_jax.data import pipeline
     from blip2_jax.evaluators import registry as evaluators
-    from blip2_jax.weights import init as init_lib
 
-    # ---------------------------------------------------------------- model and parameters
-    model, model_cfg = init_lib.build_model(config.model)
-    task = tasks.get(config.task, model, config)
-    params = init_lib.init_params(model, model_cfg, config, mesh)  # sharded jax.Arrays
-    trainable, frozen = train_state.split_params(params, list(config.frozen_patterns))
-    del params
-    frozen = train_state.cast_frozen(frozen, config.model.get("frozen_param_dtype", "bfloat16"))
-    logging.info("parameters: trainable %.2fM, frozen %.2fM", _count(trainable) / 1e6, _count(frozen) / 1e6)
-
-    # ---------------------------------------------------------------- optimizer and state
-    tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
-    state = jax.jit(lambda p: train_state.TrainState.create(p, tx))(trainable)
-    del trainable
+    # ---------------------------------------------------------------- model, params, optimizer
+    model, model_cfg, task, state, frozen, schedule = create_state(config, mesh)
+    _write_config(config, workdir)
 
     # ---------------------------------------------------------------- input
     train_iter = pipeline.make_iterator(config.input)
     keys = task.batch_keys
 
     # ---------------------------------------------------------------- compiled step
-    accum = int(config.get("grad_accum_steps", 1))
-
-    def train_step(state, frozen, batch, rng):
-        def loss_of(p, mb, r):
-            return task.loss(train_state.merge_params(p, frozen), mb, r)
-
-        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-        if accum == 1:
-            (loss, aux), grads = grad_fn(state.params, batch, rng)
-        else:  # gradient accumulation over micro-batches, one optimizer update
-            micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
-
-            def body(carry, xs):
-                g_acc, l_acc, a_acc = carry
-                mb, i = xs
-                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                return (jax.tree.map(jax.numpy.add, g_acc, g), l_acc + l,
-                        jax.tree.map(jax.numpy.add, a_acc, a)), None
-
-            zeros = jax.tree.map(jax.numpy.zeros_like, state.params)
-            (_, a0), _ = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
-            a_zero = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), a0)
-            (grads, loss, aux), _ = jax.lax.scan(body, (zeros, 0.0, a_zero), (micro, jax.numpy.arange(accum)))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            loss, aux = loss / accum, jax.tree.map(lambda a: a / accum, aux)
-        new_state = state.apply_gradients(grads)
-        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-        return new_state, metrics
-
-    step_fn = jax.jit(train_step, donate_argnums=(0,))
+    step_fn = jax.jit(make_train_step(task, schedule, int(config.get("grad_accum_steps", 1))),
+                      donate_argnums=(0,))
 
     # ---------------------------------------------------------------- resume
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.get("keep_ckpts", 3)),
@@ -166,6 +126,69 @@ def _train(config, workdir: str, mesh) -> dict:
         writer.close()
         signal.signal(signal.SIGTERM, previous)
     return last
+
+
+def create_state(config, mesh):
+    """Model, task, sharded TrainState (trainable params + optimizer) and frozen params."""
+    import jax
+
+    from blip2_jax import optim, tasks, train_state
+    from blip2_jax.weights import init as init_lib
+
+    model, model_cfg = init_lib.build_model(config.model)
+    task = tasks.get(config.task, model, config)
+    params = init_lib.init_params(model, model_cfg, config, mesh)  # sharded jax.Arrays
+    trainable, frozen = train_state.split_params(params, list(config.frozen_patterns))
+    del params
+    frozen = train_state.cast_frozen(frozen, config.model.get("frozen_param_dtype", "bfloat16"))
+    logging.info("parameters: trainable %.2fM, frozen %.2fM", _count(trainable) / 1e6, _count(frozen) / 1e6)
+    tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
+    state = jax.jit(lambda p: train_state.TrainState.create(p, tx))(trainable)
+    return model, model_cfg, task, state, frozen, schedule
+
+
+def make_train_step(task, schedule, accum: int = 1):
+    """train_step(state, frozen, batch, rng) -> (state, metrics): gradients w.r.t. the trainable
+    params only; `accum` micro-batches are accumulated into one optimizer update."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from blip2_jax import train_state
+
+    def train_step(state, frozen, batch, rng):
+        def loss_of(p, mb, r):
+            return task.loss(train_state.merge_params(p, frozen), mb, r)
+
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        if accum == 1:
+            (loss, aux), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                mb, i = xs
+                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, l, a)), None
+
+            shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][0], shapes[0][1]))
+            (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+            grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
+        new_state = state.apply_gradients(grads)
+        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        return new_state, metrics
+
+    return train_step
+
+
+def _write_config(config, workdir: str) -> None:
+    """WORKDIR/config.json: what evaluation and stage-2 initialisation read back."""
+    import jax
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
 
 def maybe_initialize_distributed(config) -> None:

@@ -46,7 +46,7 @@ class Blip2(nn.Module):
                                with_lm_head=self.qformer_lm_head and c.qformer.use_qformer_text_input,
                                dtype=jnp.float32, param_dtype=jnp.float32)
         if c.text is not None:
-            self.language_projection = layers.Dense(c.text.hidden_size, axes=("embed", "embed"),
+            self.language_projection = layers.Dense(c.text.hidden_size, axes=(None, "embed"),
                                                     dtype=jnp.float32, param_dtype=jnp.float32)
             kw = dict(dtype=self.text_dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
                       remat_policy=self.remat_policy)
