@@ -6,7 +6,7 @@ Both are pre-LN vision transformers; they differ only in small details chosen by
 |---|---|---|
 | patch conv bias | yes | no |
 | LayerNorm before the blocks | no | yes (`pre_layernorm`, HF `pre_layrnorm`) |
-| attention biases | q and v only (the k-bias is structurally zero) | q, k and v |
+| attention biases | q, (zero) k and v | q, k and v |
 | activation | exact erf-GELU | QuickGELU |
 
 `num_hidden_layers` blocks run (BLIP-2 uses the second-to-last block's output, i.e. 39 of 40 or
@@ -133,7 +133,8 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Multi-head self-attention; EVA has no k-bias (it would cancel in the softmax anyway)."""
+    """Multi-head self-attention. EVA's k-bias is zero in LAVIS and cancels in the softmax; it is
+    kept as a parameter so that any transformers checkpoint round-trips exactly."""
     config: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -144,7 +145,7 @@ class VisionAttention(nn.Module):
         d, heads = cfg.hidden_size, cfg.num_attention_heads
         dense = functools.partial(Dense, d, dtype=self.dtype, param_dtype=self.param_dtype)
         q = dense(axes=("embed", "heads"), use_bias=cfg.qkv_bias, name="query")(x)
-        k = dense(axes=("embed", "heads"), use_bias=cfg.qkv_bias and cfg.kind == "clip", name="key")(x)
+        k = dense(axes=("embed", "heads"), use_bias=cfg.qkv_bias, name="key")(x)
         v = dense(axes=("embed", "heads"), use_bias=cfg.qkv_bias, name="value")(x)
         out = attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
         return dense(axes=("heads", "embed"), name="out")(merge_heads(out))

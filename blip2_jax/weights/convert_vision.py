@@ -4,8 +4,8 @@ EVA (`kind="eva"`): `Blip2VisionModel` names under `prefix` (e.g. "vision_model.
 `Blip2ForConditionalGeneration`): `embeddings.{class_embedding (1,1,D), position_embedding (1,N+1,D),
 patch_embedding (D,3,p,p) + bias}`, `encoder.layers.N.{layer_norm1, self_attn.qkv (3D,D) with
 qkv.bias = cat(q_bias, k_bias, v_bias), self_attn.projection, layer_norm2, mlp.fc1, mlp.fc2}`,
-`post_layernorm`. The k-bias part of `qkv.bias` is dropped: it adds q.b_k, the same number for every
-key, which the softmax cancels; `to_hf` writes zeros there (what LAVIS and real checkpoints hold).
+`post_layernorm`. The k-bias part of `qkv.bias` (zero in LAVIS and the released checkpoints; it
+adds q.b_k, the same for every key, which the softmax cancels) is kept, so round trips are exact.
 
 CLIP (`kind="clip"`): `CLIPVisionModel` names (prefix "vision_model." in `CLIPModel` checkpoints such
 as openai/clip-vit-large-patch14; transformers 5 saves a bare `CLIPVisionModel` without it): `embeddings.{
@@ -97,7 +97,7 @@ def _block_to_flax(r: Reader, p: str, cfg: VisionConfig) -> dict:
                 "value": {"kernel": qkv[2 * d:].T}, "out": r.dense(p + "self_attn.projection", d, d)}
         if cfg.qkv_bias:
             bias = r.get(p + "self_attn.qkv.bias", (3 * d,))
-            attn["query"]["bias"], attn["value"]["bias"] = bias[:d], bias[2 * d:]
+            attn["query"]["bias"], attn["key"]["bias"], attn["value"]["bias"] = bias[:d], bias[d:2 * d], bias[2 * d:]
     else:
         attn = {name: r.dense(f"{p}self_attn.{hf}", d, d)
                 for name, hf in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
@@ -157,8 +157,8 @@ def _block_to_hf(layer: dict, p: str, cfg: VisionConfig, out: dict) -> None:
         out[p + "self_attn.qkv.weight"] = np.concatenate(
             [np.asarray(attn[n]["kernel"]).T for n in ("query", "key", "value")], axis=0)
         if cfg.qkv_bias:
-            q = np.asarray(attn["query"]["bias"])
-            out[p + "self_attn.qkv.bias"] = np.concatenate([q, np.zeros_like(q), np.asarray(attn["value"]["bias"])])
+            out[p + "self_attn.qkv.bias"] = np.concatenate(
+                [np.asarray(attn[n]["bias"]) for n in ("query", "key", "value")])
         dense_to_hf(attn["out"], p + "self_attn.projection", out)
     else:
         for name, hf in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "out_proj")):
