@@ -125,7 +125,9 @@ class OPTConfig:
         return cls(**_pick(cls, d))
 
     def to_hf(self) -> dict[str, Any]:
-        return dict(dataclasses.asdict(self), model_type="opt")
+        d = dataclasses.asdict(self)
+        d.pop("layer_norm_eps")  # fixed at 1e-5 in transformers' OPT, not a config field there
+        return dict(d, model_type="opt")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ about one copy of the weights). `save(dir, ...)` writes a directory that transfo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from blip2_jax.models.configs import Blip2Config, OPTConfig
+from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
 from blip2_jax.weights import convert_opt, convert_qformer, convert_t5, convert_vision
 from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, checkpoint_files, save_state_dict
 
@@ -114,6 +115,8 @@ def load(directory: str, *, frozen_dtype: Any = None, scan_layers: bool = True,
                 return arr.astype(np.float32)
             return arr
     sd = LazyStateDict(checkpoint_files(directory), cast=cast)
+    if isinstance(cfg.text, T5Config):  # tied or not is decided by the file, as transformers does
+        cfg = dataclasses.replace(cfg, text=convert_t5.resolve_tied_head(sd, cfg.text, prefix="language_model."))
     return cfg, params_from_state_dict(sd, cfg, scan_layers=scan_layers, qformer_lm_head=qformer_lm_head)
 
 
