@@ -1,0 +1,18 @@
+"""BLIP-2 in JAX/Flax (arXiv 2301.12597).
+
+`blip2_jax.load(dir)` returns a `Blip2Inference` (see `blip2_jax.inference`); it is imported on
+first use so that `import blip2_jax` stays cheap (no jax, no transformers).
+"""
+
+
+def load(directory, **kwargs):
+    """A transformers-format BLIP-2 directory -> `blip2_jax.inference.Blip2Inference`.
+
+    kwargs: dtype ("float32" | "bfloat16"), mesh (a `sharding.make_mesh` mesh), length_bucket.
+    """
+    from blip2_jax.inference import load as _load
+
+    return _load(directory, **kwargs)
+
+
+__all__ = ["load"]
