@@ -129,6 +129,16 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
     assert again.stats.skipped == 8  # the counts are part of the saved state
 
 
+def test_only_broken_records_stop_with_a_clear_error(tmp_path):
+    records = [{"image": b"garbage", "image_id": i, "captions": [b"x"]} for i in range(4)]
+    cfg = _cfg(tmp_path, batch_size=2, read_threads=0, max_consecutive_skips=50)
+    with pytest.raises(RuntimeError, match="50 unusable records in a row"):
+        next(pipeline.make_iterator(cfg, source=records))
+    vqa_only = [{"image": b"", "image_id": 0, "question": b"q?", "answers": [b"a"]}]
+    with pytest.raises(ValueError, match="needs captions"):
+        next(pipeline.make_iterator(_cfg(tmp_path, read_threads=0), source=vqa_only))
+
+
 def test_vqa_processor_on_synthetic_questions(data_dir):
     b = next(pipeline.make_iterator(_cfg(data_dir, text_processor="t5_vqa", train=False,
                                          split="validation")))
@@ -147,14 +157,43 @@ def test_make_global_batch_on_the_mesh(data_dir):
     assert glob["texts"] is local["texts"]
 
 
-def test_worker_process_gives_the_same_batches(data_dir):
-    cfg = _cfg(data_dir, text_processor="qformer_caption")
+def test_uint8_images_normalised_on_device(data_dir):
+    host = next(pipeline.make_iterator(_cfg(data_dir)))
+    raw = next(pipeline.make_iterator(_cfg(data_dir, image_dtype="uint8")))
+    assert raw["image"].dtype == np.uint8
+    on_device = jax.jit(pipeline.normalize_on_device)(raw["image"])
+    np.testing.assert_allclose(np.asarray(on_device), host["image"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_worker_process_gives_the_same_batches(data_dir, train):
+    cfg = _cfg(data_dir, text_processor="qformer_caption", train=train, split="validation")
     inline = pipeline.make_iterator(cfg)
-    expected = [next(inline) for _ in range(3)]
+    expected = [next(inline) for _ in range(2)]
     cfg.worker_count = 1
     it = pipeline.make_iterator(cfg)
     try:
-        for e in expected:
-            _same(next(it), e)
+        _same(next(it), expected[0])
+        state = it.get_state()
+        _same(next(it), expected[1])
     finally:
         it.close()
+    if train:  # a fresh worker pipeline resumes from the saved state
+        resumed = pipeline.make_iterator(cfg)
+        try:
+            resumed.set_state(state)
+            _same(next(resumed), expected[1])
+        finally:
+            resumed.close()
+
+
+def test_bench_script_runs():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--images", "3", "--sizes", "32", "--skip_pipeline"])
+    assert set(out[32]) >= {"train_transform", "eval_transform"} and out[32]["eval_transform"] > 0

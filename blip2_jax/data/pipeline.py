@@ -11,7 +11,8 @@
          on every host
       -> DataIterator (counts skipped/converted records: `.stats`; a grain DatasetIterator, so
          its state is saved and restored with orbax through `grain.checkpoint.CheckpointSave`
-         / `CheckpointRestore`, and a resumed run sees exactly the batches it would have seen).
+         / `CheckpointRestore`, and a resumed run sees exactly the batches it would have seen;
+         resume with the same worker_count and process count: the state is per worker/host).
 
 Local batch (numpy, leading axis = global batch_size / process_count):
   image                  float32 [B, H, W, 3]  NHWC, CLIP-normalised (image_dtype="uint8":
@@ -95,6 +96,7 @@ def default_input_config() -> ml_collections.ConfigDict:
     c.read_threads = 4               # threads reading + processing examples per process
     c.read_buffer_size = 64          # examples buffered by those threads
     c.stats_log_every = 1000         # batches between stats log lines (new reasons: at once)
+    c.max_consecutive_skips = 10000  # this many unusable records in a row: the data is broken
     return c
 
 
@@ -146,6 +148,9 @@ class ExampleProcessor:
         """The texts one step trains on: a sampled caption, or a question and an answer."""
         mw = self.cfg.max_words
         if self.needs == "caption":
+            if "captions" not in rec:
+                raise ValueError(f"text_processor {self.cfg.text_processor!r} needs captions; "
+                                 f"{self.cfg.dataset} has fields {sorted(rec)}")
             caps = [text_lib.normalize_caption(_str(c), mw) for c in rec.get("captions", [])]
             caps = [c for c in caps if c]
             if not caps:
@@ -179,13 +184,13 @@ class ExampleProcessor:
         return {"question": question, "answer": answer}
 
     def __call__(self, rec: dict[str, Any], rng: np.random.Generator):
+        texts = self.texts(rec, rng)  # first: cheap, and no decoding for unusable texts
+        if isinstance(texts, Skipped):
+            return texts
         try:
             image, flipped, note = self.image(rec["image"], rng)
         except transforms.BadImage as e:
             return Skipped(e.reason)
-        texts = self.texts(rec, rng)
-        if isinstance(texts, Skipped):
-            return texts
         if flipped and self.cfg.flip_swap_left_right:
             texts = {k: _swap_left_right(v) for k, v in texts.items()}
         out = {"image": image, "image_id": np.int32(rec["image_id"]),
@@ -225,21 +230,20 @@ class BatchIterDataset(grain.IterDataset):
     """Drops and counts `Skipped` records, batches the rest; `num_batches` pads to a count."""
 
     def __init__(self, parent, batch_size: int, drop_remainder: bool,
-                 num_batches: int | None = None):
+                 num_batches: int | None = None, max_consecutive_skips: int = 10000):
         super().__init__(parent)
-        self.batch_size, self.drop_remainder, self.num_batches = (
-            batch_size, drop_remainder, num_batches)
+        self.args = (batch_size, drop_remainder, num_batches, max_consecutive_skips)
 
     def __iter__(self):
-        return _BatchIterator(self._parent.__iter__(), self.batch_size, self.drop_remainder,
-                              self.num_batches)
+        return _BatchIterator(self._parent.__iter__(), *self.args)
 
 
 class _BatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, batch_size, drop_remainder, num_batches):
+    def __init__(self, parent, batch_size, drop_remainder, num_batches, max_consecutive_skips):
         super().__init__(parent)
         self.batch_size, self.drop_remainder, self.num_batches = (
             batch_size, drop_remainder, num_batches)
+        self.max_consecutive_skips = max_consecutive_skips
         self.emitted = 0
         self.template = None  # an example to shape fully padded eval batches
 
@@ -248,6 +252,7 @@ class _BatchIterator(grain.DatasetIterator):
             raise StopIteration
         counts: dict[str, int] = {}
         items = []
+        streak = 0
         while len(items) < self.batch_size:
             try:
                 el = next(self._parent)
@@ -255,7 +260,11 @@ class _BatchIterator(grain.DatasetIterator):
                 break
             if isinstance(el, Skipped):
                 counts[el.reason] = counts.get(el.reason, 0) + 1
+                streak += 1
+                if streak >= self.max_consecutive_skips:  # e.g. every file of a repeat broken
+                    raise RuntimeError(f"{streak} unusable records in a row: {counts}")
                 continue
+            streak = 0
             if STATS_KEY in el:
                 counts[el[STATS_KEY]] = counts.get(el[STATS_KEY], 0) + 1
             items.append(el)
@@ -356,7 +365,8 @@ def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = 
     if cfg.worker_count and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (defaults outside absl)
     if cfg.train:  # batch inside the workers: the main process only hands batches on
-        it_ds = BatchIterDataset(it_ds, local_batch, drop_remainder=True)
+        it_ds = BatchIterDataset(it_ds, local_batch, drop_remainder=True,
+                                 max_consecutive_skips=cfg.max_consecutive_skips)
         if cfg.worker_count:
             it_ds = it_ds.mp_prefetch(mp)
     else:  # same number of batches on every host, whatever its shard holds
@@ -364,7 +374,8 @@ def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = 
             it_ds = it_ds.mp_prefetch(mp)
         per_host = math.ceil(len(source) / process_count)
         it_ds = BatchIterDataset(it_ds, local_batch, drop_remainder=False,
-                                 num_batches=math.ceil(per_host / local_batch))
+                                 num_batches=math.ceil(per_host / local_batch),
+                                 max_consecutive_skips=cfg.max_consecutive_skips)
     return _StatsIterDataset(it_ds, cfg.stats_log_every)
 
 
