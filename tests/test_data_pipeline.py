@@ -140,10 +140,18 @@ def test_only_broken_records_stop_with_a_clear_error(tmp_path):
 
 
 def test_vqa_processor_on_synthetic_questions(data_dir):
-    b = next(pipeline.make_iterator(_cfg(data_dir, text_processor="t5_vqa", train=False,
-                                         split="validation")))
+    b = next(pipeline.make_iterator(_cfg(data_dir, text_processor="opt_vqa_prompt",
+                                         train=False, split="validation")))
     assert b["question"][0] and b["answers"][0]
     assert b["qformer_input_ids"][0, 0] == 101 and b["qformer_attention_mask"].any(1).all()
+    from blip2_jax.data.tokenizers import load_tokenizer
+    gpt2 = load_tokenizer("gpt2-offline")
+    prompt = gpt2.decode(b["llm_input_ids"][0][b["llm_attention_mask"][0] == 1])
+    assert prompt == f"Question: {b['question'][0]} Answer:"  # left-padded generation prompt
+    cap = next(pipeline.make_iterator(_cfg(data_dir, text_processor="opt_prompt", train=False,
+                                           split="validation", prompt="a photo of")))
+    assert gpt2.decode(cap["llm_input_ids"][0][cap["llm_attention_mask"][0] == 1]) == "a photo of"
+    assert "qformer_input_ids" not in cap and cap["texts"][0]
 
 
 def test_make_global_batch_on_the_mesh(data_dir):

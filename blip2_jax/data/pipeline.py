@@ -28,9 +28,10 @@ Local batch (numpy, leading axis = global batch_size / process_count):
                          llm_input_ids, llm_attention_mask [B, max_llm_len] (encoder);
                          llm_decoder_input_ids, llm_decoder_attention_mask, llm_labels
                                                                               [B, max_target_len]
-    opt_prompt/t5_prompt llm_input_ids, llm_attention_mask (generation prompt; left-padded for
-                         OPT, right-padded for the T5 encoder)                      [B, max_llm_len]
-    VQA processors (and prompts on VQA data) add the question as qformer_* fields.
+    opt_prompt/t5_prompt llm_input_ids, llm_attention_mask: the generation prompt (`prompt`),
+                         left-padded for OPT, right-padded for the T5 encoder        [B, max_llm_len]
+    opt_vqa_prompt/t5_vqa_prompt  the same with `vqa_prompt` filled with the question
+    VQA processors add the question as qformer_* fields (the paper's VQA fine-tuning).
   eval only, host-side Python lists of length B (None on padding):
     texts (reference captions), question, answers, question_id
 `make_global_batch(local_batch, mesh)` turns the arrays into global jax.Arrays split over the
@@ -147,6 +148,8 @@ class ExampleProcessor:
     def texts(self, rec: dict, rng) -> dict[str, str] | Skipped:
         """The texts one step trains on: a sampled caption, or a question and an answer."""
         mw = self.cfg.max_words
+        if self.needs is None:
+            return {}
         if self.needs == "caption":
             if "captions" not in rec:
                 raise ValueError(f"text_processor {self.cfg.text_processor!r} needs captions; "
@@ -164,16 +167,14 @@ class ExampleProcessor:
             i = int(rng.integers(n)) if self.train else int(rec["image_id"]) % max(n, 1)
             question = _str(rec["qa_questions"][i]) if n else ""
             answers = [_str(rec["qa_answers"][i])] if n else []
-        elif self.needs == "qa":
+        else:
             raise ValueError(f"text_processor {self.cfg.text_processor!r} needs questions; "
                              f"{self.cfg.dataset} has fields {sorted(rec)}")
-        else:
-            return {}
         question = text_lib.normalize_question(question, mw)
         if not question:
             return Skipped("empty_question")
         answers = [a for a in answers if a]
-        if self.needs == "qa" and not answers and self.train:
+        if not answers and self.train:
             return Skipped("no_answer")
         if not answers:
             return {"question": question, "answer": ""}

@@ -122,7 +122,8 @@ class TextProcessor:
 
     Call with texts {"caption"} or {"question", "answer"} and an rng; returns a dict of int32
     arrays. Names: none, qformer_caption, opt_caption, t5_caption, t5_prefix_caption, opt_vqa,
-    t5_vqa, opt_prompt, t5_prompt.
+    t5_vqa (training); opt_prompt, t5_prompt (captioning prompt), opt_vqa_prompt, t5_vqa_prompt
+    (question prompt + the question for the Q-Former) for generation.
     """
 
     def __init__(self, name: str, *, qformer_tokenizer: Tokenizer | None = None,
@@ -144,13 +145,11 @@ class TextProcessor:
         return qformer_text(text, self.qtok, self.max_text_len)
 
     def question_prompt(self, texts) -> str:
-        if "question" in texts:
-            return self.vqa_prompt.format(texts["question"])
-        return self.prompt
+        return self.vqa_prompt.format(texts["question"])
 
 
 def _qformer_question(p: TextProcessor, texts) -> dict:
-    return p.qformer(texts["question"]) if "question" in texts and p.qtok else {}
+    return p.qformer(texts["question"]) if p.qtok else {}
 
 
 def _none(p, texts, rng):
@@ -188,11 +187,19 @@ def _t5_vqa(p, texts, rng):
 
 
 def _opt_prompt(p, texts, rng):
+    return prompt_ids(p.prompt, p.ltok, p.max_llm_len, "left")
+
+
+def _t5_prompt(p, texts, rng):
+    return prompt_ids(p.prompt, p.ltok, p.max_llm_len, "right")
+
+
+def _opt_vqa_prompt(p, texts, rng):
     out = prompt_ids(p.question_prompt(texts), p.ltok, p.max_llm_len, "left")
     return {**out, **_qformer_question(p, texts)}
 
 
-def _t5_prompt(p, texts, rng):
+def _t5_vqa_prompt(p, texts, rng):
     out = prompt_ids(p.question_prompt(texts), p.ltok, p.max_llm_len, "right")
     return {**out, **_qformer_question(p, texts)}
 
@@ -207,6 +214,8 @@ PROCESSORS: dict[str, Callable] = {
     "t5_vqa": _t5_vqa,
     "opt_prompt": _opt_prompt,
     "t5_prompt": _t5_prompt,
+    "opt_vqa_prompt": _opt_vqa_prompt,
+    "t5_vqa_prompt": _t5_vqa_prompt,
 }
 # name -> (texts it reads: "caption", "qa" (question + answer) or None; uses the Q-Former
 # tokenizer; uses the LLM tokenizer)
@@ -218,6 +227,8 @@ SPECS: dict[str, tuple[str | None, bool, bool]] = {
     "t5_prefix_caption": ("caption", False, True),
     "opt_vqa": ("qa", True, True),
     "t5_vqa": ("qa", True, True),
-    "opt_prompt": (None, True, True),
-    "t5_prompt": (None, True, True),
+    "opt_prompt": (None, False, True),
+    "t5_prompt": (None, False, True),
+    "opt_vqa_prompt": ("qa", True, True),
+    "t5_vqa_prompt": ("qa", True, True),
 }
