@@ -27,9 +27,9 @@ Local batch (numpy, leading axis = global batch_size / process_count):
     t5_caption/t5_prefix_caption/t5_vqa
                          llm_input_ids, llm_attention_mask [B, max_llm_len] (encoder);
                          llm_decoder_input_ids, llm_decoder_attention_mask, llm_labels
-                                                                              [B, max_target_len]
+                                                                         [B, max_target_len]
     opt_prompt/t5_prompt llm_input_ids, llm_attention_mask: the generation prompt (`prompt`),
-                         left-padded for OPT, right-padded for the T5 encoder        [B, max_llm_len]
+                         left-padded for OPT, right-padded for the T5 encoder       [B, max_llm_len]
     opt_vqa_prompt/t5_vqa_prompt  the same with `vqa_prompt` filled with the question
     VQA processors add the question as qformer_* fields (the paper's VQA fine-tuning).
   eval only, host-side Python lists of length B (None on padding):

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -143,7 +143,3 @@ def log_skipped(builder: str, counts: dict[str, int]) -> None:
     if any(counts.values()):
         logging.warning("%s: skipped records while building: %s", builder, counts)
 
-
-def unique(items: Iterable[str]) -> list[str]:
-    """Order-preserving de-duplication."""
-    return list(dict.fromkeys(items))
