@@ -182,11 +182,14 @@ class Blip2Inference:
         return text.max_position_embeddings - self.config.num_query_tokens - extra
 
     def _check_length(self, n: int, extra: int, what: str):
+        """InputError when `n` prompt tokens plus `extra` fed-back generated tokens do not fit."""
         limit = self._max_prompt_tokens(extra)
         if limit is not None and n > limit:
-            room = f" next to {extra} new tokens" if extra else ""
-            raise InputError(f"{what} is {n} tokens; the model allows at most {max(limit, 0)}{room} "
-                             f"({self.config.num_query_tokens} positions go to the image)")
+            if self.config.is_encoder_decoder:
+                raise InputError(f"{what} is {n} tokens; the tokenizer allows at most {limit}")
+            raise InputError(f"{what} is {n} tokens, but at most {max(limit, 0)} fit: the language model has "
+                             f"{self.config.text.max_position_embeddings} positions, {self.config.num_query_tokens} "
+                             f"for the image and {extra} for generated tokens")
 
     # --- generation ---------------------------------------------------------------------------
     def options(self, **kwargs) -> GenerationOptions:

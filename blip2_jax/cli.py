@@ -1,0 +1,83 @@
+"""Shared pieces of the command-line tools (`python -m blip2_jax.generate|score|match|retrieve`).
+
+Bad user input (a missing or unreadable image, a directory that is not a model, a prompt that
+is too long, an invalid option) ends the program with exit code 2 and one line on stderr,
+`<tool>: error: <what is wrong>`, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+DTYPES = ("float32", "bfloat16")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse itself prints the whole usage first)."""
+
+    def error(self, message: str):
+        fail(self.prog, message)
+
+
+def fail(prog: str, message: str):
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parser(prog: str, description: str) -> OneLineParser:
+    p = OneLineParser(prog=prog, description=description)
+    p.add_argument("--model", required=True, metavar="DIR", help="transformers-format BLIP-2 directory")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="frozen towers' dtype")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _number(kind, lower, strict: bool):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < lower or (strict and value == lower):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lower}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _number(int, 1, strict=False)
+nonnegative_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)
+
+
+def run(prog: str, main: Callable[[], Any]) -> int:
+    """Runs `main()`; user-input errors become one line on stderr and exit code 2."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ log lines from XLA
+    from blip2_jax.preprocess import InputError
+    from blip2_jax.weights.safetensors_io import WeightsError
+    try:
+        main()
+    except (InputError, WeightsError, ValueError, FileNotFoundError, IsADirectoryError) as e:
+        fail(prog, str(e) or type(e).__name__)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def load_images(paths: Sequence[str]):
+    """Reads every image first, so a bad file is reported before the model is loaded."""
+    from blip2_jax.preprocess import load_image
+    return [load_image(p) for p in paths]
+
+
+def load_model(args):
+    from blip2_jax.inference import load
+    return load(args.model, dtype=args.dtype)
+
+
+def print_json(obj: Any):
+    print(json.dumps(obj, indent=1, ensure_ascii=False))
