@@ -5,6 +5,7 @@ Each config file's `get_config(arg)` starts from `base()` and sets what its pape
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from blip2_jax import optim, train_state
 from blip2_jax.data import pipeline
@@ -56,6 +57,10 @@ def base(task: str, preset: str | None) -> ml_collections.ConfigDict:
         itc_weight=1.0, itm_weight=1.0, itg_weight=1.0, lm_label_smoothing=0.0,
         question_to_qformer=False))
     c.input = pipeline.default_input_config()
+    # None-valued fields become typed placeholders so `--config.input.data_dir=...` works.
+    c.input.data_dir = config_dict.placeholder(str)
+    c.input.manual_dir = config_dict.placeholder(str)
+    c.input.num_epochs = config_dict.placeholder(int)
     c.optim = optim.default_config()
     c.evals = ml_collections.ConfigDict()
     return c

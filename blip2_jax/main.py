@@ -124,6 +124,7 @@ def _train(config, workdir: str, mesh) -> dict:
     finally:
         ckpt.close()
         writer.close()
+        train_iter.close()  # stops grain's worker processes, if any
         signal.signal(signal.SIGTERM, previous)
     return last
 
