@@ -31,17 +31,10 @@ class TrainingHalted(RuntimeError):
 
 def train(config, workdir: str) -> dict:
     """Runs training to `config.total_steps`; returns the last logged metrics."""
-    import jax
-    import numpy as np
-
     import flax.linen as nn
-    import optax
+    import jax
 
-    from blip2_jax import checkpoint as ckpt_lib
-    from blip2_jax import metric_writer, optim, sharding, tasks, train_state
-    from blip2_jax.data import pipeline
-    from blip2_jax.evaluators import registry as evaluators
-    from blip2_jax.weights import init as init_lib
+    from blip2_jax import sharding
 
     maybe_initialize_distributed(config)
     # ---------------------------------------------------------------- mesh

@@ -29,7 +29,7 @@ Paths are the '/'-joined keys of the trainable params tree, e.g. "vision_model/l
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 
 from blip2_jax.models.configs import T5Config
-from blip2_jax.weights.convert_opt import Reader, stack_layers, unstack_layers
+from blip2_jax.weights.common import Reader, stack_layers, unstack_layers
 
 _QKVO = ("q", "k", "v", "o")
 _UNUSED = "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
@@ -108,6 +108,7 @@ def to_flax(state_dict: Mapping[str, np.ndarray], cfg: T5Config, *, prefix: str 
                              "ties them; use resolve_tied_head (or tie_word_embeddings=False)")
     else:
         params["lm_head"] = {"kernel": r.get("lm_head.weight", (v, d)).T}
+    r.check()
     return params
 
 

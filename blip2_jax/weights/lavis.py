@@ -64,14 +64,14 @@ _SHOW = 12  # how many names an error message lists
 _W = r"(weight|bias)"
 # ViT names relative to the tower's prefix. QV marks the two halves of the fused qkv bias.
 _VISION_RULES = [
-    (rf"cls_token", "vision_model.embeddings.class_embedding"),
-    (rf"pos_embed", "vision_model.embeddings.position_embedding"),
+    (r"cls_token", "vision_model.embeddings.class_embedding"),
+    (r"pos_embed", "vision_model.embeddings.position_embedding"),
     (rf"patch_embed\.proj\.{_W}", r"vision_model.embeddings.patch_embedding.\1"),
     (rf"blocks\.(\d+)\.norm([12])\.{_W}", r"vision_model.encoder.layers.\1.layer_norm\2.\3"),
-    (rf"blocks\.(\d+)\.attn\.qkv\.weight", r"vision_model.encoder.layers.\1.self_attn.qkv.weight"),
+    (r"blocks\.(\d+)\.attn\.qkv\.weight", r"vision_model.encoder.layers.\1.self_attn.qkv.weight"),
     (rf"blocks\.(\d+)\.attn\.proj\.{_W}", r"vision_model.encoder.layers.\1.self_attn.projection.\2"),
     (rf"blocks\.(\d+)\.mlp\.(fc[12])\.{_W}", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
-    (rf"blocks\.(\d+)\.attn\.([qv])_bias", "QV"),
+    (r"blocks\.(\d+)\.attn\.([qv])_bias", "QV"),
 ]
 _VISION_UNUSED = re.compile(r"(norm|fc_norm|head)\.(weight|bias)")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
