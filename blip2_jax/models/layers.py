@@ -119,3 +119,21 @@ def causal_mask(tq: int, tk: int, offset: int | Array = 0) -> Array:
     """bool [1, 1, Tq, Tk]: query i (at absolute position offset+i) sees keys 0..offset+i."""
     qpos = jnp.arange(tq)[:, None] + offset
     return (jnp.arange(tk)[None, :] <= qpos)[None, None]
+
+
+# Rematerialisation policies, chosen by name in the config (`model.remat_policy`).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat(block: type[nn.Module], policy: str, scan_layers: bool, static_argnums: tuple[int, ...]):
+    """Wrap a layer class in nn.remat by policy name ("none" leaves it as is)."""
+    if policy == "none":
+        return block
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {policy!r} (one of 'none', {sorted(REMAT_POLICIES)})")
+    return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not scan_layers,
+                    static_argnums=static_argnums)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax.models import kv_cache, layers
+from blip2_jax.models.layers import remat
 from blip2_jax.models.configs import OPTConfig
 from blip2_jax.sharding import constrain
 
@@ -35,23 +36,6 @@ Dtype = Any
 POSITION_OFFSET = 2
 
 ACT = ("act_batch", "act_length", "act_embed")
-
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
-def remat(block: type[nn.Module], policy: str, scan_layers: bool, static_argnums: tuple[int, ...]):
-    """Wrap a layer class in nn.remat by policy name ("none" leaves it as is)."""
-    if policy == "none":
-        return block
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {policy!r} (one of 'none', {sorted(REMAT_POLICIES)})")
-    return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not scan_layers,
-                    static_argnums=static_argnums)
-
 
 def _dense(cfg: OPTConfig, features: int, axes, name: str, dtype, param_dtype, bias: bool = True):
     return layers.Dense(features, axes=axes, use_bias=bias and cfg.enable_bias, dtype=dtype,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from blip2_jax.models import kv_cache, layers
 from blip2_jax.models.configs import T5Config
-from blip2_jax.models.opt import remat
+from blip2_jax.models.layers import remat
 from blip2_jax.sharding import constrain
 
 Array = jax.Array

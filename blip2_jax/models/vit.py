@@ -28,16 +28,11 @@ import numpy as np
 
 from blip2_jax.models.configs import VisionConfig
 from blip2_jax.models.layers import (Dense, activation, attention, layer_norm, logical, merge_heads,
-                                     precision, split_heads)
+                                     precision, remat, split_heads)
 from blip2_jax.sharding import constrain
 
 Dtype = Any
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 # PyTorch's bicubic kernel uses the cubic-convolution coefficient a = -0.75 (Keys uses -0.5).
 TORCH_BICUBIC_A = -0.75
@@ -172,14 +167,6 @@ class VisionBlock(nn.Module):
         return constrain(x + h, ACT), None
 
 
-def remat_block(policy: str):
-    if policy == "none":
-        return VisionBlock
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {policy!r} (one of: none, {', '.join(REMAT_POLICIES)})")
-    return nn.remat(VisionBlock, policy=REMAT_POLICIES[policy], prevent_cse=False)
-
-
 class VisionTransformer(nn.Module):
     """EVA / CLIP ViT followed by BLIP-2's `ln_vision` (`post_layernorm`).
 
@@ -201,7 +188,7 @@ class VisionTransformer(nn.Module):
         self.embeddings = VisionEmbeddings(cfg, self.dtype, self.param_dtype)
         if cfg.kind == "clip":
             self.pre_layernorm = layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype)
-        block = remat_block(self.remat_policy)
+        block = remat(VisionBlock, self.remat_policy, self.scan_layers, static_argnums=())
         if self.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
