@@ -1,0 +1,453 @@
+"""Evaluators of the paper's protocols: zero-shot VQA, captioning, image-text retrieval.
+
+Each evaluator is built from one ConfigDict (`base_config(kind)` holds every field and the
+paper's defaults), reads its dataset through the eval input pipeline, asks a `Predictor`
+(predictor.py) for answers, captions or features, scores them with `evaluators.metrics`, writes
+the predictions in the official submission format and yields `(metric_name, value)`:
+
+    ev = EVALUATORS["vqa"](config, model=model, model_cfg=model_cfg, mesh=mesh)
+    ev.run(trainable, frozen)     # the trainer: params in memory
+    ev.evaluate(predictor)        # the CLI (`blip2_jax.evaluate`): a loaded model, or a fake
+
+Types (`config.type`):
+  "vqa"        answers generated from `prompt.format(question)`; `metric` "vqav2" (VQA accuracy),
+               "okvqa" (lemmatised), "gqa" (exact match), "exact" (normalised exact match,
+               synthetic_shapes). Writes [{"question_id", "answer"}] (GQA: [{"questionId",
+               "prediction"}]). Splits without answers (test-dev) are written, not scored.
+  "caption"    captions continuing `prompt`; BLEU, METEOR, ROUGE-L, CIDEr (+ SPICE when its jars
+               are installed). Writes [{"image_id", "caption"}].
+  "retrieval"  ITC similarity, top-k re-ranked by ITM + ITC, Recall@1/5/10 both ways (plus the
+               ITC-only recalls as "itc_*"). Writes each query's top-10.
+Every host reads its shard of the data; results are gathered so that each host scores all of
+them and process 0 writes the files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from blip2_jax.data import text as text_lib
+from blip2_jax.evaluators import metrics
+from blip2_jax.evaluators.registry import register
+
+KINDS = ("vqa", "caption", "retrieval")
+VQA_METRICS = ("vqav2", "okvqa", "gqa", "exact")
+TOP_WRITTEN = 10  # ranked candidates written per retrieval query
+
+
+# ------------------------------------------------------------------------------------- config
+def base_config(kind: str) -> ml_collections.ConfigDict:
+    """Every field an evaluator of `kind` reads, with the paper's protocol as defaults."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown evaluator type {kind!r}; known: {', '.join(KINDS)}")
+    c = ml_collections.ConfigDict()
+    c.type = kind
+    c.every = 0                        # trainer: evaluate every N steps (0: never)
+    c.name = ""                        # file-name stem; "" -> "<dataset>_<split>"
+    c.output_dir = config_dict.placeholder(str)   # predictions + results JSON (None: not written)
+    c.progress = True                  # progress bar with ETA on stderr (process 0)
+    c.llm_tokenizer = config_dict.placeholder(str)   # None: the model directory's tokenizer
+    c.qformer_tokenizer = config_dict.placeholder(str)  # None: the checkpoint's, else BERT's
+    c.max_words = 50                   # BLIP question / caption normalisation
+    c.mesh_shape = (-1, 1, 1)          # CLI: (data, fsdp, tensor); the trainer uses its own mesh
+    c.dtype = "bfloat16"               # CLI --model: frozen towers' dtype (float32 | bfloat16)
+    c.input = ml_collections.ConfigDict(dict(
+        dataset="synthetic_shapes", split="validation",
+        data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str),
+        prepare=True, batch_size=64, image_size=224, image_dtype="float32",
+        worker_count=0, read_threads=4))
+    if kind in ("vqa", "caption"):
+        c.max_prompt_len = 32          # LLM prompt tokens (LAVIS max_txt_len; longer: truncated)
+        c.generation = ml_collections.ConfigDict(dict(
+            num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0,
+            repetition_penalty=1.0, early_stopping=False))
+    if kind == "vqa":
+        c.metric = "vqav2"
+        c.vqa_protocol = "lavis"       # metrics.vqa: the official script's revision
+        # Zero-shot VQA (paper §4.1; LAVIS): beam 5, at most 10 new tokens, at least 1; the
+        # prompt and length penalty depend on the LLM unless set explicitly.
+        c.prompt = config_dict.placeholder(str)
+        c.prompt_by_llm = ml_collections.ConfigDict(dict(
+            opt="Question: {} Answer:", t5="Question: {} Short answer:"))
+        c.generation.max_new_tokens = 10
+        c.generation.min_new_tokens = 1
+        c.generation.length_penalty = config_dict.placeholder(float)
+        c.length_penalty_by_llm = ml_collections.ConfigDict(dict(opt=0.0, t5=-1.0))
+    elif kind == "caption":
+        c.prompt = "a photo of"        # beam 5, max 30, min 8 new tokens (the defaults above)
+        c.spice = config_dict.placeholder(bool)  # None: SPICE when available, else left out
+    else:
+        c.input.image_size = 364
+        c.k = 128                      # candidates re-ranked by ITM per query
+        c.max_text_len = 35            # Q-Former text tokens
+        c.text_batch_size = 256        # texts per text-feature call
+        c.itm_rows_per_call = 1        # queries per ITM call (x k pairs)
+        c.fill_value = -100.0          # score outside the top k (LAVIS)
+    return c
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+    """`config` (a ConfigDict or dict naming `type`, possibly partial) over `base_config(type)`;
+    unknown fields are errors."""
+    config = dict(config or {})
+    kind = config.get("type")
+    out = base_config(kind)
+
+    def merge(dst, src, where):
+        for key, value in src.items():
+            if key not in dst:
+                raise ValueError(f"unknown field {where}{key} for a {kind!r} evaluator")
+            if isinstance(dst[key], ml_collections.ConfigDict) and hasattr(value, "items"):
+                merge(dst[key], value, f"{where}{key}.")
+            else:
+                try:
+                    dst[key] = value
+                except TypeError as e:
+                    raise ValueError(f"field {where}{key}: {e}") from None
+
+    merge(out, config, "")
+    return out
+
+
+def input_config(ec: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The pipeline config of an evaluator: eval mode, no text processing (texts stay host-side)."""
+    from blip2_jax.data import pipeline  # grain/tfds: imported only when data is read
+    ic = pipeline.default_input_config()
+    for key, value in ec.input.items():
+        if key not in ic:
+            raise ValueError(f"unknown input field {key!r} in the evaluator config")
+        ic[key] = value
+    ic.train, ic.augment, ic.shuffle = False, False, False
+    ic.text_processor = "none"
+    if ec.type == "vqa" and ic.dataset.startswith("synthetic_shapes"):
+        # The pipeline picks a scene's question only for question-reading processors; their
+        # token fields (offline tokenizers) go unused: the predictor tokenises the prompts.
+        ic.text_processor = "opt_vqa_prompt"
+    ic.max_words = ec.max_words
+    return ic
+
+
+# ------------------------------------------------------------------------------------- hosts
+def gather_objects(local: list) -> list:
+    """Concatenates every process's list, in process order (identity on one process)."""
+    if jax.process_count() == 1:
+        return list(local)
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(pickle.dumps(local), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
+    padded = np.zeros((int(np.max(sizes)),), np.uint8)
+    padded[:data.size] = data
+    blobs = multihost_utils.process_allgather(padded)
+    out = []
+    for blob, size in zip(blobs, np.asarray(sizes).reshape(-1)):
+        out.extend(pickle.loads(blob[:int(size)].tobytes()))
+    return out
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Concatenates every process's rows (same shape on each), in process order."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def host_map(fn, n: int, batch: int, desc: str | None = None) -> np.ndarray:
+    """Concatenated `fn(indices int [batch]) -> [batch, ...]` over indices 0..n-1.
+
+    Each process takes one contiguous block of indices, called in equal-sized (padded) batches
+    so that every process makes the same number of calls with the same shapes. `desc`: show a
+    progress bar."""
+    procs, me = jax.process_count(), jax.process_index()
+    per = math.ceil(math.ceil(n / procs) / batch) * batch
+    bar = Progress(per // batch, desc, enabled=desc is not None)
+    outs = []
+    for start in range(me * per, (me + 1) * per, batch):
+        idx = np.arange(start, start + batch)
+        outs.append(np.asarray(fn(np.where(idx < n, idx, 0))))
+        bar.update()
+    bar.close()
+    return gather_rows(np.concatenate(outs))[:n]
+
+
+# ------------------------------------------------------------------------------------- progress
+class Progress:
+    """Batches done / total, rate and ETA on stderr (tqdm when installed)."""
+
+    def __init__(self, total: int | None, desc: str, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self.total, self.desc, self.done, self.t0 = total, desc, 0, time.time()
+        self.bar = None
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr,
+                                dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        dt = time.time() - self.t0
+        eta = "?" if not self.total else f"{dt / self.done * (self.total - self.done):.0f}s"
+        print(f"\r{self.desc}: {self.done}/{self.total or '?'} batches, {dt:.0f}s, ETA {eta}",
+              end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------- base
+class Evaluator:
+    """Shared plumbing: data, predictor, files. Subclasses implement `evaluate(predictor)`."""
+
+    def __init__(self, config, *, model=None, model_cfg=None, mesh=None, predictor=None):
+        self.config = with_defaults(config)
+        self.model, self.model_cfg, self.mesh = model, model_cfg, mesh
+        self.predictor = predictor
+        self.results: dict[str, float] = {}
+
+    # -- the trainer's entry point
+    def run(self, trainable, frozen) -> Iterator[tuple[str, float]]:
+        """Evaluates the model with params `trainable` + `frozen` (trees of jax.Arrays)."""
+        from blip2_jax import train_state
+        from blip2_jax.evaluators import predictor as predictor_lib
+        params = train_state.merge_params(trainable, frozen)
+        if self.predictor is None:
+            if self.model is None:
+                raise ValueError(f"evaluator {self.name!r} needs a model or a predictor")
+            self.predictor = predictor_lib.ModelPredictor(
+                self.model, self.model_cfg, self.mesh, params,
+                llm_tokenizer=self.config.get("llm_tokenizer"),
+                qformer_tokenizer=self.config.get("qformer_tokenizer"))
+        else:
+            self.predictor.set_params(params)
+        yield from self.evaluate(self.predictor)
+
+    def evaluate(self, predictor) -> Iterator[tuple[str, float]]:
+        raise NotImplementedError
+
+    # -- data
+    @property
+    def name(self) -> str:
+        if self.config.get("name"):
+            return self.config.name
+        stem = f"{self.config.input.dataset}_{self.config.input.split}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """This host's eval batches (see data/pipeline.py), with a progress bar."""
+        from blip2_jax.data import pipeline
+        ic = input_config(self.config)
+        source = pipeline.load_source(ic)
+        local = ic.batch_size // jax.process_count()
+        total = math.ceil(math.ceil(len(source) / jax.process_count()) / local)
+        bar = Progress(total, f"{self.config.type} {self.name}", bool(self.config.progress))
+        try:
+            for batch in pipeline.make_iterator(ic, source=source):
+                yield batch
+                bar.update()
+        finally:
+            bar.close()
+
+    # -- files
+    def write(self, suffix: str, payload) -> str | None:
+        out = self.config.get("output_dir")
+        if not out:
+            return None
+        path = os.path.join(out, f"{self.name}_{suffix}.json")
+        if jax.process_index() == 0:
+            os.makedirs(out, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(payload, f)
+        return path
+
+    def finish(self, scores: dict[str, float], count: int) -> Iterator[tuple[str, float]]:
+        self.results = dict(scores)
+        self.write("results", {"type": self.config.type, "dataset": self.config.input.dataset,
+                               "split": self.config.input.split, "num_examples": count,
+                               "metrics": self.results})
+        for key, value in scores.items():
+            yield key, float(value)
+
+    def llm_option(self, value, field: str, table: str, predictor):
+        """`value` (config.<field>) or, when unset, `config.<table>[predictor.llm_kind]`."""
+        if value is None:
+            kind = getattr(predictor, "llm_kind", None)
+            if kind not in self.config[table]:
+                raise ValueError(f"set {field}: {table} has no entry for language model {kind!r}")
+            value = self.config[table][kind]
+        return value
+
+
+def _valid(batch) -> list[int]:
+    return [i for i, m in enumerate(np.asarray(batch["mask"])) if m]
+
+
+# ------------------------------------------------------------------------------------- VQA
+@register("vqa")
+class VqaEvaluator(Evaluator):
+    """Zero-shot / fine-tuned VQA: one generated answer per question."""
+
+    def evaluate(self, predictor) -> Iterator[tuple[str, float]]:
+        c = self.config
+        if c.metric not in VQA_METRICS:
+            raise ValueError(f"unknown VQA metric {c.metric!r}; known: {', '.join(VQA_METRICS)}")
+        template = self.llm_option(c.prompt, "prompt", "prompt_by_llm", predictor)
+        options = dict(c.generation)
+        options["length_penalty"] = self.llm_option(
+            c.generation.length_penalty, "generation.length_penalty", "length_penalty_by_llm",
+            predictor)
+        records = []
+        for batch in self.batches():
+            rows = _valid(batch)
+            prompts = [template.format(text_lib.normalize_question(q or "", c.max_words))
+                       for q in batch["question"]]
+            answers = predictor.generate(batch["image"], prompts, max_prompt_len=c.max_prompt_len,
+                                         **options)
+            for i in rows:
+                qid = batch["question_id"][i]
+                # synthetic_shapes has one question per image and no question ids
+                key = int(qid) if qid is not None and qid >= 0 else int(batch["image_id"][i])
+                records.append((key, answers[i].strip(), list(batch["answers"][i] or [])))
+        records = gather_objects(records)
+        preds = {k: a for k, a, _ in records}
+        truth = {k: g for k, _, g in records}
+        if c.metric == "gqa":
+            self.write("predictions", [{"questionId": str(k), "prediction": a}
+                                       for k, a in preds.items()])
+        else:
+            self.write("predictions", [{"question_id": k, "answer": a} for k, a in preds.items()])
+        if not preds or not all(truth.values()):  # e.g. VQAv2 test-dev: no answers to score
+            logging.info("%s: %d questions without answers: predictions only", self.name,
+                         sum(not g for g in truth.values()))
+            yield from self.finish({}, len(preds))
+            return
+        if c.metric == "vqav2":
+            score = metrics.vqa_score(preds, truth, protocol=c.vqa_protocol)
+        elif c.metric == "okvqa":
+            score = metrics.okvqa_score(preds, truth, protocol=c.vqa_protocol)
+        elif c.metric == "gqa":
+            score = metrics.gqa_score(preds, {k: g[0] for k, g in truth.items()})
+        else:
+            score = 100.0 * np.mean([metrics.normalize_answer(preds[k])
+                                     == metrics.normalize_answer(truth[k][0]) for k in preds])
+        yield from self.finish({"accuracy": score}, len(preds))
+
+
+# ------------------------------------------------------------------------------------- captions
+@register("caption")
+class CaptionEvaluator(Evaluator):
+    """Image captioning: one beam-searched caption per image, COCO caption metrics."""
+
+    def evaluate(self, predictor) -> Iterator[tuple[str, float]]:
+        c = self.config
+        records = []
+        for batch in self.batches():
+            prompts = [c.prompt] * len(batch["mask"])
+            captions = predictor.generate(batch["image"], prompts, max_prompt_len=c.max_prompt_len,
+                                          **dict(c.generation))
+            for i in _valid(batch):
+                records.append((int(batch["image_id"][i]), captions[i].strip(),
+                                list(batch["texts"][i] or [])))
+        records = gather_objects(records)
+        preds = {k: cap for k, cap, _ in records}
+        refs = {k: r for k, _, r in records}
+        self.write("predictions", [{"image_id": k, "caption": v} for k, v in preds.items()])
+        if not preds or not all(refs.values()):
+            yield from self.finish({}, len(preds))
+            return
+        yield from self.finish(metrics.caption_scores(preds, refs, spice=c.get("spice")),
+                               len(preds))
+
+
+# ------------------------------------------------------------------------------------- retrieval
+@register("retrieval")
+class RetrievalEvaluator(Evaluator):
+    """Image-text retrieval: ITC for all pairs, the top k re-ranked with ITM + ITC."""
+
+    def evaluate(self, predictor) -> Iterator[tuple[str, float]]:
+        from blip2_jax.evaluators.predictor import itc_similarity
+        c = self.config
+        vit, feats, masks, image_ids, texts = [], [], [], [], []
+        for batch in self.batches():
+            v, f = predictor.image_features(batch["image"])
+            vit.append(np.asarray(v))
+            feats.append(np.asarray(f))
+            masks.append(np.asarray(batch["mask"]))
+            image_ids.extend(int(i) for i in np.asarray(batch["image_id"]))
+            texts.extend(list(t or []) for t in batch["texts"])
+        keep = gather_rows(np.concatenate(masks))
+        vit = gather_rows(np.concatenate(vit))[keep]
+        feats = gather_rows(np.concatenate(feats))[keep]
+        image_ids = [i for i, k in zip(gather_objects(image_ids), keep) if k]
+        per_image = [t for t, k in zip(gather_objects(texts), keep) if k]
+
+        captions, txt2img, img2txt = [], [], []
+        for i, caps in enumerate(per_image):
+            img2txt.append(list(range(len(captions), len(captions) + len(caps))))
+            captions.extend(text_lib.normalize_caption(t, c.max_words) for t in caps)
+            txt2img.extend([i] * len(caps))
+        if not captions:
+            raise ValueError(f"{self.name}: no captions to retrieve")
+        ids, mask = predictor.tokenize_texts(captions, c.max_text_len)
+        text_feats = host_map(lambda idx: predictor.text_features(ids[idx], mask[idx]),
+                              len(captions), c.text_batch_size, self._desc("texts"))
+        sim_i2t = itc_similarity(feats, text_feats)
+
+        def itm_i2t(rows, cand):  # image rows x their candidate texts
+            img = np.repeat(vit[rows], cand.shape[1], axis=0)
+            return predictor.itm_scores(img, ids[cand.reshape(-1)],
+                                        mask[cand.reshape(-1)]).reshape(cand.shape)
+
+        def itm_t2i(rows, cand):  # text rows x their candidate images
+            t = np.repeat(rows, cand.shape[1])
+            return predictor.itm_scores(vit[cand.reshape(-1)], ids[t], mask[t]).reshape(cand.shape)
+
+        score_i2t = self._rerank(sim_i2t, itm_i2t, "ITM image->text")
+        score_t2i = self._rerank(sim_i2t.T, itm_t2i, "ITM text->image")
+        scores = metrics.retrieval_recall(score_i2t, txt2img, img2txt, sim_t2i=score_t2i)
+        itc = metrics.retrieval_recall(sim_i2t, txt2img, img2txt)
+        scores.update({f"itc_{k}": v for k, v in itc.items() if k != "agg_metrics"})
+        top = min(TOP_WRITTEN, len(captions))
+        self.write("predictions", {
+            "image_ids": image_ids, "texts": captions, "txt2img": txt2img,
+            "i2t_top": np.argsort(-score_i2t, axis=1, kind="stable")[:, :top].tolist(),
+            "t2i_top": np.argsort(-score_t2i, axis=1, kind="stable")[:, :min(
+                TOP_WRITTEN, len(image_ids))].tolist()})
+        yield from self.finish(scores, len(image_ids))
+
+    def _desc(self, what: str) -> str | None:
+        return f"{self.name} {what}" if self.config.progress else None
+
+    def _rerank(self, sim: np.ndarray, itm_fn, what: str) -> np.ndarray:
+        """metrics.rerank_topk with the rows split over the processes."""
+        c = self.config
+        rows_per_call = int(c.itm_rows_per_call)
+
+        def block(rows):  # rows [rows_per_call] of `sim` -> their re-ranked score rows
+            return metrics.rerank_topk(sim[rows], lambda r, cand: itm_fn(rows[r], cand), int(c.k),
+                                       fill_value=float(c.fill_value),
+                                       rows_per_call=rows_per_call)
+
+        return host_map(block, sim.shape[0], rows_per_call, self._desc(what))

@@ -1,0 +1,12 @@
+"""COCO 5k test retrieval, Karpathy split (paper Table 5, fine-tuned stage-1 model): ITC top-128
+re-ranked by ITM, R@1/5/10 both ways."""
+from blip2_jax.evaluators import runners
+
+
+def get_config(arg: str = ""):
+    c = runners.base_config("retrieval")  # k 128, 35 text tokens
+    c.input.dataset = "coco_karpathy"
+    c.input.split = arg or "test"
+    c.input.image_size = 364
+    c.input.batch_size = 64
+    return c
