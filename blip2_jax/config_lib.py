@@ -63,4 +63,9 @@ def base(task: str, preset: str | None) -> ml_collections.ConfigDict:
     c.input.num_epochs = config_dict.placeholder(int)
     c.optim = optim.default_config()
     c.evals = ml_collections.ConfigDict()
+    # Multi-process runs off TPU pods (on pods these are detected): set all three.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0
+    c.distributed.num_processes = config_dict.placeholder(int)
+    c.distributed.process_id = config_dict.placeholder(int)
     return c
