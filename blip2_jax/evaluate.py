@@ -20,11 +20,16 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluator config (configs/eval/*.py).",
-                                          lock_config=False)
-_MODEL = flags.DEFINE_string("model", None, "A transformers-format BLIP-2 directory.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where predictions and results go.")
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined only when run as a program, so that importing this module next
+    to the trainer, which has its own --config, is harmless)."""
+    config_flags.DEFINE_config_file("config", None, "Evaluator config (configs/eval/*.py).",
+                                    lock_config=False)
+    flags.DEFINE_string("model", None, "A transformers-format BLIP-2 directory.")
+    flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints).")
+    flags.DEFINE_string("output_dir", None, "Where predictions and results go.")
 
 
 class UsageError(ValueError):
@@ -62,7 +67,12 @@ def predictor_from_workdir(workdir: str, config, mesh):
         raise UsageError(f"{workdir}: no config.json (not a training workdir, or written by a "
                          "trainer that predates it)")
     with open(path) as f:
-        tc = ml_collections.ConfigDict(json.load(f))
+        raw = json.load(f)
+    if not {"model", "init", "frozen_patterns"} <= set(raw):
+        raise UsageError(f"{path} is not a training config (a model directory? use --model)")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise UsageError(f"{workdir}: no checkpoints/ directory")
+    tc = ml_collections.ConfigDict(raw)
     trained = init_lib.restore_trainable(workdir)  # fails early when there is no checkpoint
     # The trainable part comes from the checkpoint: skip loading what only initialised it.
     if tc.init.get("source") == "stage1":
@@ -138,8 +148,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from blip2_jax.preprocess import InputError
     try:
-        evaluate(_CONFIG.value, model=_MODEL.value, workdir=_WORKDIR.value,
-                 output_dir=_OUTPUT_DIR.value)
+        f = flags.FLAGS
+        evaluate(f.config, model=f.model, workdir=f.workdir, output_dir=f.output_dir)
     except (UsageError, InputError, ValueError, FileNotFoundError, NotADirectoryError,
             PermissionError, KeyError) as e:
         msg = " ".join(str(e).split())
@@ -148,5 +158,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)

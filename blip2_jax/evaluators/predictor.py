@@ -191,18 +191,22 @@ class ModelPredictor:
 
     # -- generation
     def _prompt_ids(self, prompts: Sequence[str | None], max_len: int):
-        """OPT: `[pads][BOS] prompt` (left); T5: `prompt </s> [pads]` (right). Long prompts lose
-        their end, as with transformers' truncation."""
+        """OPT: `[pads][BOS] prompt` (left); T5: `prompt </s> [pads]` (right); [B, max_len], or
+        [B, 0] when nothing at all is there. Long prompts lose their end, as with transformers'
+        truncation."""
         tok = self.llm_tokenizer
-        b = len(prompts)
-        ids = np.full((b, max_len), tok.pad_id, np.int32)
-        mask = np.zeros((b, max_len), np.int32)
-        for i, p in enumerate(prompts):
+        seqs = []
+        for p in prompts:
             body = tok.encode(p.rstrip()) if p and p.strip() else []
             body = body[:max_len - len(tok.prefix) - len(tok.suffix)]
-            seq = list(tok.prefix) + body + list(tok.suffix)
-            if not seq:
-                raise ValueError("empty prompt and the tokenizer adds no BOS: nothing to start from")
+            seqs.append(list(tok.prefix) + body + list(tok.suffix))
+        if not any(seqs):  # a tokenizer without BOS and no prompt: the soft prompt alone leads
+            max_len = 0    # (as in training with such a tokenizer)
+        elif not all(seqs):
+            raise ValueError("some prompts are empty and the tokenizer adds no BOS")
+        ids = np.full((len(seqs), max_len), tok.pad_id, np.int32)
+        mask = np.zeros((len(seqs), max_len), np.int32)
+        for i, seq in enumerate(seqs):
             sl = slice(0, len(seq)) if self.llm_kind == "t5" else slice(max_len - len(seq), max_len)
             ids[i, sl], mask[i, sl] = seq, 1
         return ids, mask
