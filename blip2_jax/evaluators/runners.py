@@ -221,10 +221,17 @@ class Progress:
 class Evaluator:
     """Shared plumbing: data, predictor, files. Subclasses implement `evaluate(predictor)`."""
 
-    def __init__(self, config, *, model=None, model_cfg=None, mesh=None, predictor=None):
+    def __init__(self, config, *, model=None, model_cfg=None, mesh=None, predictor=None,
+                 llm_tokenizer: str | None = None, qformer_tokenizer: str | None = None):
+        """config: see `base_config`; model / model_cfg / mesh: what `run` evaluates (the
+        trainer's); predictor: use this one instead (the CLI, tests); llm_tokenizer /
+        qformer_tokenizer: used where the config leaves them unset (the trainer passes its
+        input pipeline's)."""
         self.config = with_defaults(config)
         self.model, self.model_cfg, self.mesh = model, model_cfg, mesh
         self.predictor = predictor
+        self.tokenizers = (self.config.llm_tokenizer or llm_tokenizer,
+                           self.config.qformer_tokenizer or qformer_tokenizer)
         self.results: dict[str, float] = {}
 
     # -- the trainer's entry point
@@ -238,8 +245,7 @@ class Evaluator:
                 raise ValueError(f"evaluator {self.name!r} needs a model or a predictor")
             self.predictor = predictor_lib.ModelPredictor(
                 self.model, self.model_cfg, self.mesh, params,
-                llm_tokenizer=self.config.get("llm_tokenizer"),
-                qformer_tokenizer=self.config.get("qformer_tokenizer"))
+                llm_tokenizer=self.tokenizers[0], qformer_tokenizer=self.tokenizers[1])
         else:
             self.predictor.set_params(params)
         yield from self.evaluate(self.predictor)
