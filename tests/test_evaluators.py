@@ -368,3 +368,8 @@ def test_trainer_entry_point_builds_the_model_predictor(tmp_path):
     pred, _, _ = _golden_predictor("blip2_itm")
     direct = dict(runners.RetrievalEvaluator(ec).evaluate(pred))
     assert via_run == direct and set(via_run) >= {"txt_r1", "img_r1", "itc_txt_r1"}
+    ec.image_bank_on_device = False  # ITM images sent from the host instead: same scores
+    (tmp_path / "out" / "flickr30k_karpathy_test_predictions.json").rename(tmp_path / "bank.json")
+    assert dict(runners.RetrievalEvaluator(ec).evaluate(pred)) == direct
+    assert _read(tmp_path / "bank.json") == _read(
+        tmp_path / "out" / "flickr30k_karpathy_test_predictions.json")

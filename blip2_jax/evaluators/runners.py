@@ -94,6 +94,7 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
         c.max_text_len = 35            # Q-Former text tokens
         c.text_batch_size = 256        # texts per text-feature call
         c.itm_rows_per_call = 1        # queries per ITM call (x k pairs)
+        c.image_bank_on_device = True  # keep all image embeddings on each device for ITM
         c.fill_value = -100.0          # score outside the top k (LAVIS)
     return c
 
@@ -421,17 +422,25 @@ class RetrievalEvaluator(Evaluator):
                               len(captions), c.text_batch_size, self._desc("texts"))
         sim_i2t = itc_similarity(feats, text_feats)
 
+        bank = bool(c.image_bank_on_device) and hasattr(predictor, "set_image_bank")
+        if bank:
+            predictor.set_image_bank(vit)
+
+        def itm(images, texts):  # (image, text) pairs given by index -> ITM match logits
+            if bank:
+                return predictor.itm_scores_bank(images, ids[texts], mask[texts])
+            return predictor.itm_scores(vit[images], ids[texts], mask[texts])
+
         def itm_i2t(rows, cand):  # image rows x their candidate texts
-            img = np.repeat(vit[rows], cand.shape[1], axis=0)
-            return predictor.itm_scores(img, ids[cand.reshape(-1)],
-                                        mask[cand.reshape(-1)]).reshape(cand.shape)
+            return itm(np.repeat(rows, cand.shape[1]), cand.reshape(-1)).reshape(cand.shape)
 
         def itm_t2i(rows, cand):  # text rows x their candidate images
-            t = np.repeat(rows, cand.shape[1])
-            return predictor.itm_scores(vit[cand.reshape(-1)], ids[t], mask[t]).reshape(cand.shape)
+            return itm(cand.reshape(-1), np.repeat(rows, cand.shape[1])).reshape(cand.shape)
 
         score_i2t = self._rerank(sim_i2t, itm_i2t, "ITM image->text")
         score_t2i = self._rerank(sim_i2t.T, itm_t2i, "ITM text->image")
+        if bank:
+            predictor.set_image_bank(None)
         scores = metrics.retrieval_recall(score_i2t, txt2img, img2txt, sim_t2i=score_t2i)
         itc = metrics.retrieval_recall(sim_i2t, txt2img, img2txt)
         scores.update({f"itc_{k}": v for k, v in itc.items() if k != "agg_metrics"})
