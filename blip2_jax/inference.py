@@ -220,22 +220,26 @@ class Blip2Inference:
         image), cut after the first EOS (kept)."""
         self._require(self.can_generate, "generation")
         images, _ = _as_list(images)
-        prompts = self._prompts(prompts, len(images))
+        return self.generate_from_pixels(self.pixel_values(images), prompts, **kwargs)
+
+    def generate_from_pixels(self, pixel_values: np.ndarray, prompts=None, **kwargs) -> list[list[int]]:
+        """`generate_ids` for already preprocessed images, float32 [B, S, S, 3]."""
+        self._require(self.can_generate, "generation")
+        n = len(pixel_values)
+        prompts = self._prompts(prompts, n)
         opts = self.options(**kwargs)
         seqs = [self._prompt_ids(p) for p in prompts]
         natural = max(len(s) for s in seqs)
-        self._check_length(natural, 0 if self.config.is_encoder_decoder else opts.max_new_tokens - 1, "the prompt")
-        limit = self._max_prompt_tokens(opts.max_new_tokens - 1)
-        length = self._bucket(natural, None if self.config.is_encoder_decoder else limit)
+        enc_dec = self.config.is_encoder_decoder
+        self._check_length(natural, 0 if enc_dec else opts.max_new_tokens - 1, "the prompt")
+        length = self._bucket(natural, None if enc_dec else self._max_prompt_tokens(opts.max_new_tokens - 1))
         ids, mask, counted = self._pad_prompts(seqs, natural, length)
-        pixels = self.pixel_values(images)
-        n = len(images)
         rows = batch_bucket(n)
         key = jax.random.key(int(kwargs.get("seed") or 0))
         start = int(self.generation_config.get("decoder_start_token_id",
                                                getattr(self.config.text, "decoder_start_token_id", 0)) or 0)
         with self._context():
-            prompt = self._soft_prompts(self.params, _pad_rows(pixels, rows))
+            prompt = self._soft_prompts(self.params, _pad_rows(np.asarray(pixel_values, np.float32), rows))
             out = self._generate(self.params, prompt, _pad_rows(ids, rows), _pad_rows(mask, rows),
                                  _pad_rows(counted, rows), key, options=opts, decoder_start_token_id=start)
         out = np.asarray(out)[:n].reshape(n * opts.num_return_sequences, -1)

@@ -1,0 +1,189 @@
+"""Generation speed: blip2_jax against transformers' PyTorch `generate`, side by side, one run.
+
+    python tools/bench_generate.py --torch-python /path/to/python-with-torch [--configs tiny,small]
+        [--batch 8] [--new-tokens 30] [--beams 5] [--repeats 3] [--dtype float32]
+
+The PyTorch side runs in a separate interpreter (`--torch-python`, needs torch + transformers):
+it first creates random BLIP-2 OPT checkpoints with transformers in a temporary directory (the
+tokenizer files come from tests/golden/blip2_opt), then, after our side has run, times
+`Blip2ForConditionalGeneration.generate` on them. Both sides load the same files, start from the
+same preprocessed pixel values, caption without a prompt, and generate exactly `--new-tokens`
+tokens per sequence (min_new_tokens = max_new_tokens, so EOS never ends a row early). Timings
+exclude compilation / warm-up (reported separately) and take the best of `--repeats` runs.
+tokens/s = batch x new tokens / seconds (beam search counts the returned sequence, not the beams).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / "tests" / "golden" / "blip2_opt"
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+# vision (image, patch, hidden, layers, heads, mlp), Q-Former (hidden, layers, heads, ffn, queries),
+# OPT (hidden, layers, heads, ffn); every OPT vocabulary is the real 50272-row one.
+CONFIGS = {
+    "tiny": dict(vision=(64, 16, 64, 2, 4, 256), qformer=(64, 2, 4, 256, 8), opt=(64, 2, 4, 256)),
+    "small": dict(vision=(224, 14, 384, 12, 6, 1536), qformer=(384, 6, 6, 1536, 32), opt=(768, 12, 12, 3072)),
+}
+
+TORCH_SIDE = r'''
+import json, os, shutil, sys, time
+import numpy as np
+import torch
+
+mode, workdir, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
+                          OPTConfig)
+from transformers.utils import logging
+logging.set_verbosity_error()
+
+def create(name, c):
+    im, patch, vh, vl, vheads, vmlp = c["vision"]
+    qh, ql, qheads, qffn, queries = c["qformer"]
+    oh, ol, oheads, offn = c["opt"]
+    tok = json.load(open(os.path.join(spec["tokenizer_dir"], "tokenizer_config.json")))
+    text = OPTConfig(vocab_size=50272, hidden_size=oh, num_hidden_layers=ol, ffn_dim=offn, num_attention_heads=oheads,
+                     max_position_embeddings=512, word_embed_proj_dim=oh, dropout=0.0, attention_dropout=0.0,
+                     bos_token_id=50256, eos_token_id=50118, pad_token_id=50256)
+    vision = Blip2VisionConfig(image_size=im, patch_size=patch, hidden_size=vh, num_hidden_layers=vl,
+                               num_attention_heads=vheads, intermediate_size=vmlp)
+    qformer = Blip2QFormerConfig(hidden_size=qh, num_hidden_layers=ql, num_attention_heads=qheads,
+                                 intermediate_size=qffn, cross_attention_frequency=2, encoder_hidden_size=vh)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                         num_query_tokens=queries, image_token_index=50257)
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # HF's vision init (std 1e-10) would run on denormals: use std 0.02
+        for n, p in model.named_parameters():
+            if "norm" in n.lower():
+                p.copy_(torch.ones_like(p) if n.endswith("weight") else torch.zeros_like(p))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    out = os.path.join(workdir, name)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(spec["tokenizer_dir"], f), out)
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "BlipImageProcessor", "size": {"height": im, "width": im},
+                   "resample": 3, "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": True,
+                   "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711]}, f)
+
+def bench(name):
+    d = os.path.join(workdir, name)
+    model = Blip2ForConditionalGeneration.from_pretrained(d, attn_implementation=spec["attn"]).eval()
+    pixels = torch.from_numpy(np.load(os.path.join(d, "pixel_values.npy"))).permute(0, 3, 1, 2).contiguous()
+    n = spec["new_tokens"]
+    out = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    for label, beams in (("greedy", 1), ("beam", spec["beams"])):
+        kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False)
+        with torch.inference_mode():
+            t = time.perf_counter(); model.generate(pixel_values=pixels, **kw); warm = time.perf_counter() - t
+            best = float("inf")
+            for _ in range(spec["repeats"]):
+                t = time.perf_counter(); seqs = model.generate(pixel_values=pixels, **kw)
+                best = min(best, time.perf_counter() - t)
+        out[label] = {"seconds": best, "warmup_seconds": warm, "tokens": seqs[:, -n:].tolist()}
+    return out
+
+if mode == "create":
+    for name in spec["configs"]:
+        create(name, spec["all"][name])
+else:
+    print(json.dumps({name: bench(name) for name in spec["configs"]}))
+'''
+
+
+def torch_side(python: str, mode: str, workdir: str, spec: dict) -> str:
+    script = os.path.join(workdir, "torch_side.py")
+    with open(script, "w") as f:
+        f.write(TORCH_SIDE)
+    env = dict(os.environ, TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    proc = subprocess.run([python, script, mode, workdir, json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"the PyTorch side failed ({mode}):\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def our_side(workdir: str, name: str, args) -> dict:
+    import jax
+
+    import blip2_jax
+
+    model = blip2_jax.load(os.path.join(workdir, name), dtype=args.dtype)
+    rng = np.random.default_rng(0)
+    size = model.image_processor.size
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.batch)]
+    pixels = model.pixel_values(images)
+    np.save(os.path.join(workdir, name, "pixel_values.npy"), pixels)
+    n = args.new_tokens
+    out = {"jax": jax.__version__, "devices": str(jax.devices())}
+    for label, beams in (("greedy", 1), ("beam", args.beams)):
+        kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams)
+        t = time.perf_counter()
+        model.generate_from_pixels(pixels, **kw)
+        warm = time.perf_counter() - t
+        best = float("inf")
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            tokens = model.generate_from_pixels(pixels, **kw)
+            best = min(best, time.perf_counter() - t)
+        out[label] = {"seconds": best, "warmup_seconds": warm, "tokens": tokens}
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--torch-python", required=True, help="a Python interpreter with torch + transformers")
+    p.add_argument("--configs", default="tiny,small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=30)
+    p.add_argument("--beams", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our frozen towers' dtype")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
+    args = p.parse_args()
+    names = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
+    spec = dict(configs=names, all=CONFIGS, tokenizer_dir=str(TOKENIZER_DIR), new_tokens=args.new_tokens,
+                beams=args.beams, repeats=args.repeats, attn=args.attn)
+    with tempfile.TemporaryDirectory() as workdir:
+        torch_side(args.torch_python, "create", workdir, spec)
+        ours = {name: our_side(workdir, name, args) for name in names}
+        theirs = json.loads(torch_side(args.torch_python, "bench", workdir, spec).strip().splitlines()[-1])
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; ours: jax {ours[names[0]]['jax']} "
+          f"({args.dtype}), theirs: torch {theirs[names[0]]['torch']} ({theirs[names[0]]['torch_threads']} threads, "
+          f"{args.attn} attention, float32)")
+    print(f"# batch {args.batch}, {args.new_tokens} new tokens per sequence, beam = {args.beams} beams; best of "
+          f"{args.repeats}")
+    head = f"{'config':8} {'mode':8} {'ours tok/s':>11} {'torch tok/s':>12} {'speedup':>8} {'ours s':>8} " \
+           f"{'torch s':>8} {'compile s':>10} {'same tokens':>12}"
+    print(head)
+    print("-" * len(head))
+    total = args.batch * args.new_tokens
+    for name in names:
+        for label in ("greedy", "beam"):
+            o, t = ours[name][label], theirs[name][label]
+            same = "yes" if [list(x) for x in o["tokens"]] == t["tokens"] else "no"
+            print(f"{name:8} {label:8} {total / o['seconds']:11.1f} {total / t['seconds']:12.1f} "
+                  f"{t['seconds'] / o['seconds']:7.2f}x {o['seconds']:8.3f} {t['seconds']:8.3f} "
+                  f"{o['warmup_seconds']:10.1f} {same:>12}")
+
+
+if __name__ == "__main__":
+    main()
