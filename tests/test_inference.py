@@ -1,0 +1,155 @@
+"""The inference API on the golden checkpoints: ITM / ITC / features / retrieval against
+transformers' numbers, sharded loading, bfloat16, and the errors users see."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blip2_jax
+from blip2_jax import sharding
+from blip2_jax.preprocess import InputError
+from tests.conftest import GOLDEN, ROOT
+
+skimage_data = pytest.importorskip("skimage.data")
+TOL = 1e-4
+
+
+def load_case(case):
+    ref = json.loads((GOLDEN / case / "reference.json").read_text())
+    photos = [getattr(skimage_data, n)() for n in ref["images"]]
+    return ref, dict(np.load(GOLDEN / case / "reference.npz")), photos
+
+
+@pytest.fixture(scope="module")
+def itm():
+    ref, npz, photos = load_case("blip2_itm")
+    return blip2_jax.load(GOLDEN / "blip2_itm"), ref, npz, photos[:2]  # npz covers photos 0, 1
+
+
+@pytest.fixture(scope="module")
+def opt_model():
+    return blip2_jax.load(GOLDEN / "blip2_opt")
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+# --- retrieval checkpoint ---------------------------------------------------------------------
+def test_match_itm_and_itc(itm):
+    model, ref, npz, photos = itm
+    out = model.match(photos, ref["texts"])
+    np.testing.assert_allclose(out["itm_probability"], softmax(npz["itm_logits"])[..., 1], rtol=0, atol=TOL)
+    np.testing.assert_allclose(out["itc_similarity"], npz["logits_per_image"], rtol=0, atol=TOL)
+    one = model.match(photos[1], ref["texts"][2])
+    assert set(one) == {"itm_probability", "itc_similarity"}
+    assert abs(one["itm_probability"] - softmax(npz["itm_logits"][1, 2])[1]) < TOL
+    assert abs(one["itc_similarity"] - npz["logits_per_image"][1, 2]) < TOL
+
+
+def test_retrieval_features(itm):
+    model, ref, npz, photos = itm
+    f = model.image_features(photos)
+    np.testing.assert_allclose(f["image_embeds"], npz["vision_last_hidden_state"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(f["query_output"], npz["qformer_query_output"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(f["image_feats"], npz["image_embeds"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(model.text_features(ref["texts"]), npz["text_embeds"], rtol=0, atol=TOL)
+
+
+def brute_force_rank(itm_logits, itc, k):
+    """ITC top-k per query row, re-scored as ITM match logit + ITC; the rest -inf.
+    itm_logits [R, C, 2], itc [R, C] in query-major order."""
+    out = np.full(itc.shape, -np.inf)
+    for r in range(itc.shape[0]):
+        for c in np.argsort(-itc[r])[:k]:
+            out[r, c] = itm_logits[r, c, 1] + itc[r, c]
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 128])
+def test_rank_itc_topk_then_itm(itm, k):
+    model, ref, npz, photos = itm
+    t2i = model.rank(photos, ref["texts"], k=k)
+    expected = brute_force_rank(npz["itm_logits"].transpose(1, 0, 2), npz["logits_per_text"], k)
+    np.testing.assert_array_equal(np.isinf(t2i), np.isinf(expected))
+    np.testing.assert_allclose(t2i[np.isfinite(t2i)], expected[np.isfinite(expected)], rtol=0, atol=TOL)
+    i2t = model.rank(photos, ref["texts"], k=k, direction="image_to_text")
+    expected = brute_force_rank(npz["itm_logits"], npz["logits_per_image"], k)
+    np.testing.assert_allclose(np.where(np.isinf(i2t), 0, i2t), np.where(np.isinf(expected), 0, expected),
+                               rtol=0, atol=TOL)
+
+
+def test_retrieve_orders_the_gallery(itm):
+    model, ref, npz, photos = itm
+    expected = brute_force_rank(npz["itm_logits"].transpose(1, 0, 2), npz["logits_per_text"], 2)
+    hits = model.retrieve(photos, ref["texts"], k=2, top=2)
+    for q, row in enumerate(hits):
+        assert [i for i, _ in row] == list(np.argsort(-expected[q]))
+        np.testing.assert_allclose([s for _, s in row], np.sort(expected[q])[::-1], rtol=0, atol=TOL)
+
+
+def test_retrieval_checkpoint_cannot_generate(itm):
+    model = itm[0]
+    with pytest.raises(InputError, match="retrieval checkpoint"):
+        model.generate(itm[3], None)
+
+
+# --- captioning checkpoint --------------------------------------------------------------------
+def test_opt_features(opt_model):
+    _, npz, photos = load_case("blip2_opt")
+    f = opt_model.image_features(photos[:2])
+    np.testing.assert_allclose(f["image_embeds"], npz["vision_last_hidden_state"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(f["query_output"], npz["qformer_last_hidden_state"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(f["projected"], npz["language_projection_output"], rtol=0, atol=TOL)
+
+
+def test_captioning_checkpoint_cannot_match(opt_model):
+    with pytest.raises(InputError, match="captioning checkpoint"):
+        opt_model.match(np.zeros((32, 32, 3), np.uint8), "a cat")
+
+
+def test_option_and_prompt_errors(opt_model):
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="num_beams"):
+        opt_model.generate(image, num_beams=0)
+    with pytest.raises(ValueError, match="unknown generation option"):
+        opt_model.generate(image, beams=2)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        opt_model.generate(image, num_beams=2, num_return_sequences=3)
+    with pytest.raises(InputError, match="at most"):
+        opt_model.generate(image, "word " * 200)
+    with pytest.raises(InputError, match="prompts for"):
+        opt_model.generate([image, image], ["a", "b", "c"])
+
+
+def test_sharded_model_gives_the_reference_tokens():
+    """Params sharded over a (data 1, fsdp 2, tensor 4) mesh of the 8 test devices."""
+    ref, _, photos = load_case("blip2_opt")
+    model = blip2_jax.load(GOLDEN / "blip2_opt", mesh=sharding.make_mesh((1, 2, 4)))
+    kernel = model.params["language_model"]["layers"]["fc1"]["kernel"]
+    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
+    case = next(c for c in ref["generate"] if c["name"] == "beam3")
+    kwargs = {k: v for k, v in case["kwargs"].items() if k != "do_sample"}
+    assert model.generate_ids([photos[i] for i in case["image_index"]], case["prompts"], **kwargs) == case["new_tokens"]
+
+
+def test_bfloat16_towers():
+    model = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16")
+    p = model.params
+    assert p["vision_model"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert p["language_model"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert p["qformer"]["query_tokens"].dtype == jnp.float32  # the Q-Former stays float32
+    ids = model.generate_ids([np.zeros((32, 32, 3), np.uint8)], None, max_new_tokens=3)
+    assert len(ids) == 1 and 1 <= len(ids[0]) <= 3
+
+
+def test_import_is_light():
+    code = "import sys, blip2_jax; print(sorted(m for m in ('jax', 'transformers', 'flax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
