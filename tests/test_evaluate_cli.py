@@ -55,12 +55,12 @@ def test_cli_vqav2_on_fake_corpus(tmp_path):
                "--config.input.read_threads=1", "--config.dtype=float32",
                f"--output_dir={tmp_path / 'out'}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "| vqav2_validation | value |" in out.stdout and "| accuracy |" in out.stdout
+    assert "| vqa_vqav2_validation | value |" in out.stdout and "| accuracy |" in out.stdout
     assert "ETA" in out.stderr or "batch" in out.stderr  # the progress bar
-    preds = _read(tmp_path / "out" / "vqav2_validation_predictions.json")
+    preds = _read(tmp_path / "out" / "vqa_vqav2_validation_predictions.json")
     assert sorted(p["question_id"] for p in preds) == [420, 421, 422]
     assert all(isinstance(p["answer"], str) for p in preds)
-    res = _read(tmp_path / "out" / "vqav2_validation_results.json")
+    res = _read(tmp_path / "out" / "vqa_vqav2_validation_results.json")
     assert 0.0 <= res["metrics"]["accuracy"] <= 100.0 and res["num_examples"] == 3
 
 
@@ -87,7 +87,7 @@ def test_evaluate_caption_t5_and_retrieval_itm_models(tmp_path):
     c.generation.min_new_tokens = 2
     res = evaluate(c, model=str(GOLDEN / "blip2_t5"), output_dir=str(tmp_path / "cap"))
     assert {"Bleu_4", "CIDEr", "METEOR", "ROUGE_L"} <= set(res)
-    preds = _read(tmp_path / "cap" / "coco_karpathy_test_predictions.json")
+    preds = _read(tmp_path / "cap" / "caption_coco_karpathy_test_predictions.json")
     assert sorted(p["image_id"] for p in preds) == [2, 3, 4]
 
     r = _config("coco_retrieval")
@@ -97,7 +97,7 @@ def test_evaluate_caption_t5_and_retrieval_itm_models(tmp_path):
     res = evaluate(r, model=str(GOLDEN / "blip2_itm"), output_dir=str(tmp_path / "ret"))
     assert {"txt_r1", "txt_r5", "img_r1", "img_r_mean", "itc_txt_r1"} <= set(res)
     assert res["txt_r5"] == res["img_r5"] == 100.0  # 3 images, 6 texts: everything is in a top 5
-    top = _read(tmp_path / "ret" / "coco_karpathy_test_predictions.json")
+    top = _read(tmp_path / "ret" / "retrieval_coco_karpathy_test_predictions.json")
     assert len(top["texts"]) == 6 and len(top["t2i_top"]) == 6
 
 
@@ -148,7 +148,7 @@ def test_evaluate_synthetic_shapes_from_workdirs(tmp_path):
     assert {"Bleu_4", "CIDEr"} <= set(cap)
     vqa = dict(runners.VqaEvaluator(shapes("vqa")).evaluate(pred))
     assert set(vqa) == {"accuracy"} and 0.0 <= vqa["accuracy"] <= 100.0
-    preds = _read(tmp_path / "vqa" / "synthetic_shapes-tiny_validation_predictions.json")
+    preds = _read(tmp_path / "vqa" / "vqa_synthetic_shapes-tiny_validation_predictions.json")
     assert len(preds) == 16  # one question per validation scene, keyed by image id
 
     # Stage 1 (Q-Former heads) through the CLI entry point; results default to WORKDIR/eval.
@@ -158,5 +158,5 @@ def test_evaluate_synthetic_shapes_from_workdirs(tmp_path):
     r.output_dir = None
     ret = cli.evaluate(r, workdir=stage1)
     assert ret["txt_r10"] >= ret["txt_r5"] >= ret["txt_r1"] >= 0.0
-    assert set(_read(os.path.join(stage1, "eval", "synthetic_shapes-tiny_validation_results.json"))
+    assert set(_read(os.path.join(stage1, "eval", "retrieval_synthetic_shapes-tiny_validation_results.json"))
                ["metrics"]) >= {"txt_r1", "img_r1", "r_mean"}

@@ -96,11 +96,11 @@ def test_vqav2_accuracy_prompts_and_submission_file(tmp_path):
     assert n == 8 and prompts[3:] == ["Question:  Short answer:"] * 5
     assert options == dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0,
                            repetition_penalty=1.0, early_stopping=False, max_prompt_len=32)
-    preds = _read(tmp_path / "out" / "vqav2_validation_predictions.json")
+    preds = _read(tmp_path / "out" / "vqa_vqav2_validation_predictions.json")
     assert sorted(preds, key=lambda p: p["question_id"]) == [
         {"question_id": 420, "answer": "Two."}, {"question_id": 421, "answer": "2"},
         {"question_id": 422, "answer": "cat"}]
-    saved = _read(tmp_path / "out" / "vqav2_validation_results.json")
+    saved = _read(tmp_path / "out" / "vqa_vqav2_validation_results.json")
     assert saved["num_examples"] == 3 and saved["metrics"] == results
 
 
@@ -112,7 +112,7 @@ def test_vqa_opt_defaults_and_test_dev_without_answers(tmp_path):
     assert dict(ev.evaluate(fake)) == {}  # nothing to score
     _, prompts, options = fake.calls[0]
     assert prompts[0] == "Question: what is 0? Answer:" and options["length_penalty"] == 0.0
-    assert len(_read(tmp_path / "out" / "vqav2_test_dev_predictions.json")) == 2
+    assert len(_read(tmp_path / "out" / "vqa_vqav2_test_dev_predictions.json")) == 2
 
 
 def test_okvqa_lemmatises_predictions(tmp_path):
@@ -143,7 +143,7 @@ def test_gqa_exact_match_and_submission_format(tmp_path):
     results = dict(runners.VqaEvaluator(_config("vqa", tmp_path, manual, "gqa_balanced", "testdev",
                                                 metric="gqa")).evaluate(fake))
     assert results == {"accuracy": pytest.approx(200 / 3)}  # punctuation and articles go
-    preds = _read(tmp_path / "out" / "gqa_balanced_testdev_predictions.json")
+    preds = _read(tmp_path / "out" / "vqa_gqa_balanced_testdev_predictions.json")
     assert {p["questionId"]: p["prediction"] for p in preds} == {
         "201307251": "Yes.", "5451384": "a cat", "1234": "blue"}
 
@@ -174,7 +174,7 @@ def test_caption_scores_and_results_file(tmp_path):
     # 9/18, 8/16; the closest reference lengths (11 + 10) do not exceed 22: no brevity penalty.
     assert results["Bleu_4"] == pytest.approx((12 / 22 * 10 / 20 * 9 / 18 * 8 / 16) ** 0.25, abs=1e-6)
     assert 0.5 < results["ROUGE_L"] < 1.0 and "SPICE" not in results
-    preds = _read(tmp_path / "out" / "coco_karpathy_test_predictions.json")
+    preds = _read(tmp_path / "out" / "caption_coco_karpathy_test_predictions.json")
     assert sorted(p["image_id"] for p in preds) == [1, 2]
 
 
@@ -216,7 +216,7 @@ def test_retrieval_reranks_itc_top_k_with_itm(tmp_path, k, expected):
         assert results["txt_r5"] == results["img_r5"] == 100.0
     assert results["itc_txt_r1"] == 0.0 and results["itc_img_r1"] == 50.0
     assert results["itc_txt_r5"] == 100.0
-    top = _read(tmp_path / "out" / "flickr30k_karpathy_test_predictions.json")
+    top = _read(tmp_path / "out" / "retrieval_flickr30k_karpathy_test_predictions.json")
     assert sorted(top["texts"])[:2] == ["picture 0", "picture 0 alt"] and len(top["i2t_top"]) == 4
 
 
@@ -369,7 +369,7 @@ def test_trainer_entry_point_builds_the_model_predictor(tmp_path):
     direct = dict(runners.RetrievalEvaluator(ec).evaluate(pred))
     assert via_run == direct and set(via_run) >= {"txt_r1", "img_r1", "itc_txt_r1"}
     ec.image_bank_on_device = False  # ITM images sent from the host instead: same scores
-    (tmp_path / "out" / "flickr30k_karpathy_test_predictions.json").rename(tmp_path / "bank.json")
+    (tmp_path / "out" / "retrieval_flickr30k_karpathy_test_predictions.json").rename(tmp_path / "bank.json")
     assert dict(runners.RetrievalEvaluator(ec).evaluate(pred)) == direct
     assert _read(tmp_path / "bank.json") == _read(
-        tmp_path / "out" / "flickr30k_karpathy_test_predictions.json")
+        tmp_path / "out" / "retrieval_flickr30k_karpathy_test_predictions.json")

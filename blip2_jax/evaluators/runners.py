@@ -55,7 +55,7 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.type = kind
     c.every = 0                        # trainer: evaluate every N steps (0: never)
-    c.name = ""                        # file-name stem; "" -> "<dataset>_<split>"
+    c.name = ""                        # file-name stem; "" -> "<type>_<dataset>_<split>"
     c.output_dir = config_dict.placeholder(str)   # predictions + results JSON (None: not written)
     c.progress = True                  # progress bar with ETA on stderr (process 0)
     c.llm_tokenizer = config_dict.placeholder(str)   # None: the model directory's tokenizer
@@ -259,7 +259,7 @@ class Evaluator:
     def name(self) -> str:
         if self.config.get("name"):
             return self.config.name
-        stem = f"{self.config.input.dataset}_{self.config.input.split}"
+        stem = f"{self.config.type}_{self.config.input.dataset}_{self.config.input.split}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")
 
     def batches(self) -> Iterator[dict[str, Any]]:
