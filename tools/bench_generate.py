@@ -1,7 +1,7 @@
 """Generation speed: blip2_jax against transformers' PyTorch `generate`, side by side, one run.
 
     python tools/bench_generate.py --torch-python /path/to/python-with-torch [--configs tiny,small]
-        [--batch 8] [--new-tokens 30] [--beams 5] [--repeats 3] [--dtype float32]
+        [--batch 8] [--new-tokens 30] [--beams 5] [--repeats 3] [--dtypes float32,bfloat16]
 
 The PyTorch side runs in a separate interpreter (`--torch-python`, needs torch + transformers):
 it first creates random BLIP-2 OPT checkpoints with transformers in a temporary directory (the
@@ -117,17 +117,17 @@ def torch_side(python: str, mode: str, workdir: str, spec: dict) -> str:
     return proc.stdout
 
 
-def our_side(workdir: str, name: str, args) -> dict:
+def our_side(workdir: str, name: str, dtype: str, args) -> dict:
     import jax
 
     import blip2_jax
 
-    model = blip2_jax.load(os.path.join(workdir, name), dtype=args.dtype)
+    model = blip2_jax.load(os.path.join(workdir, name), dtype=dtype)
     rng = np.random.default_rng(0)
     size = model.image_processor.size
     images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.batch)]
     pixels = model.pixel_values(images)
-    np.save(os.path.join(workdir, name, "pixel_values.npy"), pixels)
+    np.save(os.path.join(workdir, name, "pixel_values.npy"), pixels)  # the same for every dtype
     n = args.new_tokens
     out = {"jax": jax.__version__, "devices": str(jax.devices())}
     for label, beams in (("greedy", 1), ("beam", args.beams)):
@@ -152,37 +152,41 @@ def main():
     p.add_argument("--new-tokens", type=int, default=30)
     p.add_argument("--beams", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our frozen towers' dtype")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="our frozen towers' dtypes, one row each")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
     args = p.parse_args()
     names = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in names if c not in CONFIGS]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    unknown = [c for c in names if c not in CONFIGS] + [d for d in dtypes if d not in ("float32", "bfloat16")]
     if unknown:
-        sys.exit(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
+        sys.exit(f"unknown config(s) / dtype(s) {unknown}; configs: {', '.join(CONFIGS)}; dtypes: float32, bfloat16")
     spec = dict(configs=names, all=CONFIGS, tokenizer_dir=str(TOKENIZER_DIR), new_tokens=args.new_tokens,
                 beams=args.beams, repeats=args.repeats, attn=args.attn)
     with tempfile.TemporaryDirectory() as workdir:
         torch_side(args.torch_python, "create", workdir, spec)
-        ours = {name: our_side(workdir, name, args) for name in names}
+        ours = {(name, d): our_side(workdir, name, d, args) for name in names for d in dtypes}
         theirs = json.loads(torch_side(args.torch_python, "bench", workdir, spec).strip().splitlines()[-1])
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; ours: jax {ours[names[0]]['jax']} "
-          f"({args.dtype}), theirs: torch {theirs[names[0]]['torch']} ({theirs[names[0]]['torch_threads']} threads, "
-          f"{args.attn} attention, float32)")
+    first = theirs[names[0]]
+    print(f"# {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"ours: jax {ours[names[0], dtypes[0]]['jax']}; theirs: torch {first['torch']} "
+          f"({first['torch_threads']} threads, {args.attn} attention, float32)")
     print(f"# batch {args.batch}, {args.new_tokens} new tokens per sequence, beam = {args.beams} beams; best of "
-          f"{args.repeats}")
-    head = f"{'config':8} {'mode':8} {'ours tok/s':>11} {'torch tok/s':>12} {'speedup':>8} {'ours s':>8} " \
-           f"{'torch s':>8} {'compile s':>10} {'same tokens':>12}"
+          f"{args.repeats}; dtype = our frozen towers (the Q-Former is float32)")
+    head = (f"{'config':7} {'mode':6} {'dtype':8} {'ours tok/s':>10} {'torch tok/s':>11} {'speedup':>8} "
+            f"{'ours s':>7} {'torch s':>8} {'compile s':>9} {'same ids':>8}")
     print(head)
     print("-" * len(head))
     total = args.batch * args.new_tokens
     for name in names:
         for label in ("greedy", "beam"):
-            o, t = ours[name][label], theirs[name][label]
-            same = "yes" if [list(x) for x in o["tokens"]] == t["tokens"] else "no"
-            print(f"{name:8} {label:8} {total / o['seconds']:11.1f} {total / t['seconds']:12.1f} "
-                  f"{t['seconds'] / o['seconds']:7.2f}x {o['seconds']:8.3f} {t['seconds']:8.3f} "
-                  f"{o['warmup_seconds']:10.1f} {same:>12}")
+            t = theirs[name][label]
+            for d in dtypes:
+                o = ours[name, d][label]
+                same = "yes" if [list(x) for x in o["tokens"]] == t["tokens"] else "no"
+                print(f"{name:7} {label:6} {d:8} {total / o['seconds']:10.1f} {total / t['seconds']:11.1f} "
+                      f"{t['seconds'] / o['seconds']:7.2f}x {o['seconds']:7.3f} {t['seconds']:8.3f} "
+                      f"{o['warmup_seconds']:9.1f} {same:>8}")
 
 
 if __name__ == "__main__":
