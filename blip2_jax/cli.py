@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 DTYPES = ("float32", "bfloat16")
 

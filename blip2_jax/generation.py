@@ -16,6 +16,7 @@ would have (its batch padding counts for the penalty, our extra bucket padding d
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -44,7 +45,7 @@ class GenerationOptions:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int = 0
 
-    def validate(self) -> "GenerationOptions":
+    def validate(self) -> GenerationOptions:
         """Raises ValueError naming the first bad option."""
         def need(ok, msg):
             if not ok:
@@ -197,7 +198,10 @@ def generate_tokens(model: Blip2, params, prompt: Array, input_ids: Array, atten
         return decoding.greedy_search(first, cache, make_step(1), presence=presence, **common)[:, None]
     # Sampling several sequences per row: rows repeated after the prefill, [b0, b0, b1, b1, ...].
     r = o.num_return_sequences
-    rep = lambda x, axis=0: decoding.repeat_for_beams(x, r, axis)  # noqa: E731
+
+    def rep(x, axis=0):
+        return decoding.repeat_for_beams(x, r, axis)
+
     tokens = decoding.sample(rep(first), jax.tree.map(lambda c: rep(c, 1), cache), make_step(r),
                              rng=rng, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                              presence=None if presence is None else rep(presence), **common)

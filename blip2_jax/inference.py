@@ -16,7 +16,8 @@ import contextlib
 import functools
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,7 @@ DEFAULT_MAX_NEW_TOKENS = 20  # the reference's default when nothing sets a lengt
 ITM_PAIRS_PER_CALL = 64
 
 
-def load(directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8) -> "Blip2Inference":
+def load(directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8) -> Blip2Inference:
     """A transformers-format BLIP-2 directory -> Blip2Inference. `dtype` is the compute/storage
     dtype of the frozen towers ("float32" or "bfloat16"); the Q-Former stays float32."""
     return Blip2Inference.from_dir(directory, dtype=dtype, mesh=mesh, length_bucket=length_bucket)

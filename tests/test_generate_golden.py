@@ -40,7 +40,7 @@ def generate_case(model, photos, case):
 
 
 def test_generate_cases(setup):
-    name, model, ref, photos = setup
+    _, model, ref, photos = setup
     failures = []
     for case in ref["generate"]:
         got = generate_case(model, photos, case)
@@ -85,7 +85,10 @@ def test_same_bucket_does_not_recompile(setup):
     """Prompts of another length in the same length bucket reuse the compiled program."""
     _, model, ref, photos = setup
     case = next(c for c in ref["generate"] if c["name"] == "greedy_prompts")
-    longest = lambda prompts: max(len(model.tokenizer(p)["input_ids"]) for p in prompts)  # noqa: E731
+
+    def longest(prompts):
+        return max(len(model.tokenizer(p)["input_ids"]) for p in prompts)
+
     n = longest(case["prompts"])
     others = [["a picture of", "Question: " + q + "? Answer:"] for q in
               ("what is it", "what is in it", "what is in the image", "what is shown", "who is it")]
@@ -107,7 +110,7 @@ def test_sampling_top_k_1_is_greedy(setup):
 
 
 def test_sampling_is_seeded(setup):
-    _, model, ref, photos = setup
+    _, model, _, photos = setup
     kw = dict(do_sample=True, top_k=0, temperature=1.5, max_new_tokens=6, num_return_sequences=2)
     a = model.generate_ids(photos[:2], None, seed=1, **kw)
     assert len(a) == 4

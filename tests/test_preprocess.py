@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip2_jax.preprocess import CLIP_MEAN, CLIP_STD, ImageProcessor, InputError, load_image, to_rgb
+from blip2_jax.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageProcessor,
+    InputError,
+    load_image,
+    to_rgb,
+)
 from tests.conftest import GOLDEN
 
 skimage_data = pytest.importorskip("skimage.data")
