@@ -369,7 +369,7 @@ def test_trainer_entry_point_builds_the_model_predictor(tmp_path):
     direct = dict(runners.RetrievalEvaluator(ec).evaluate(pred))
     assert via_run == direct and set(via_run) >= {"txt_r1", "img_r1", "itc_txt_r1"}
     ec.image_bank_on_device = False  # ITM images sent from the host instead: same scores
-    (tmp_path / "out" / "retrieval_flickr30k_karpathy_test_predictions.json").rename(tmp_path / "bank.json")
+    written = tmp_path / "out" / "retrieval_flickr30k_karpathy_test_predictions.json"
+    written.rename(tmp_path / "bank.json")
     assert dict(runners.RetrievalEvaluator(ec).evaluate(pred)) == direct
-    assert _read(tmp_path / "bank.json") == _read(
-        tmp_path / "out" / "retrieval_flickr30k_karpathy_test_predictions.json")
+    assert _read(tmp_path / "bank.json") == _read(written)
