@@ -5,11 +5,12 @@
 
 The PyTorch side runs in a separate interpreter (`--torch-python`, needs torch + transformers):
 it first creates random BLIP-2 OPT checkpoints with transformers in a temporary directory (the
-tokenizer files come from tests/golden/blip2_opt), then, after our side has run, times
-`Blip2ForConditionalGeneration.generate` on them. Both sides load the same files, start from the
-same preprocessed pixel values, caption without a prompt, and generate exactly `--new-tokens`
-tokens per sequence (min_new_tokens = max_new_tokens, so EOS never ends a row early). Timings
-exclude compilation / warm-up (reported separately) and take the best of `--repeats` runs.
+tokenizer files come from tests/golden/blip2_opt), then stays up and times one
+`Blip2ForConditionalGeneration.generate` per request, alternating run by run with ours so that
+both see the same machine load. Both sides load the same files, start from the same preprocessed
+pixel values, caption without a prompt, and generate exactly `--new-tokens` tokens per sequence
+(min_new_tokens = max_new_tokens, so EOS never ends a row early). Timings exclude the first call
+(our compilation, their warm-up; ours reported as "1st call") and take the best of `--repeats`.
 tokens/s = batch x new tokens / seconds (beam search counts the returned sequence, not the beams).
 """
 from __future__ import annotations
@@ -81,67 +82,99 @@ def create(name, c):
                    "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
                    "image_std": [0.26862954, 0.26130258, 0.27577711]}, f)
 
-def bench(name):
-    d = os.path.join(workdir, name)
-    model = Blip2ForConditionalGeneration.from_pretrained(d, attn_implementation=spec["attn"]).eval()
-    pixels = torch.from_numpy(np.load(os.path.join(d, "pixel_values.npy"))).permute(0, 3, 1, 2).contiguous()
+def serve():
+    """Answers "<config> <mode>" lines with one timed generate each (JSON), until "quit"."""
+    models, pixels = {}, {}
+    for name in spec["configs"]:
+        d = os.path.join(workdir, name)
+        models[name] = Blip2ForConditionalGeneration.from_pretrained(d, attn_implementation=spec["attn"]).eval()
+        pixels[name] = torch.from_numpy(np.load(os.path.join(d, "pixel_values.npy"))).permute(0, 3, 1, 2).contiguous()
     n = spec["new_tokens"]
-    out = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-    for label, beams in (("greedy", 1), ("beam", spec["beams"])):
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        name, label = line.split()
+        beams = 1 if label == "greedy" else spec["beams"]
         kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False)
         with torch.inference_mode():
-            t = time.perf_counter(); model.generate(pixel_values=pixels, **kw); warm = time.perf_counter() - t
-            best = float("inf")
-            for _ in range(spec["repeats"]):
-                t = time.perf_counter(); seqs = model.generate(pixel_values=pixels, **kw)
-                best = min(best, time.perf_counter() - t)
-        out[label] = {"seconds": best, "warmup_seconds": warm, "tokens": seqs[:, -n:].tolist()}
-    return out
+            t = time.perf_counter()
+            seqs = models[name].generate(pixel_values=pixels[name], **kw)
+            seconds = time.perf_counter() - t
+        print(json.dumps({"seconds": seconds, "tokens": seqs[:, -n:].tolist()}), flush=True)
 
 if mode == "create":
     for name in spec["configs"]:
         create(name, spec["all"][name])
 else:
-    print(json.dumps({name: bench(name) for name in spec["configs"]}))
+    serve()
 '''
 
 
-def torch_side(python: str, mode: str, workdir: str, spec: dict) -> str:
-    script = os.path.join(workdir, "torch_side.py")
-    with open(script, "w") as f:
-        f.write(TORCH_SIDE)
-    env = dict(os.environ, TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    proc = subprocess.run([python, script, mode, workdir, json.dumps(spec)], capture_output=True, text=True, env=env)
+def torch_create(python: str, workdir: str, spec: dict):
+    proc = subprocess.run([python, _script(workdir), "create", workdir, json.dumps(spec)], capture_output=True,
+                          text=True, env=_torch_env(), check=False)
     if proc.returncode != 0:
-        sys.exit(f"the PyTorch side failed ({mode}):\n{proc.stderr[-4000:]}")
-    return proc.stdout
+        sys.exit(f"the PyTorch side failed to create the checkpoints:\n{proc.stderr[-4000:]}")
 
 
-def our_side(workdir: str, name: str, dtype: str, args) -> dict:
-    import jax
+class TorchServer:
+    """The PyTorch side as a child process timing one `generate` per request, so that the two
+    sides alternate run by run and see the same machine load."""
 
-    import blip2_jax
+    def __init__(self, python: str, workdir: str, spec: dict):
+        self.proc = subprocess.Popen([python, _script(workdir), "serve", workdir, json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_torch_env())
+        self.info = self._read()
 
-    model = blip2_jax.load(os.path.join(workdir, name), dtype=dtype)
-    rng = np.random.default_rng(0)
-    size = model.image_processor.size
-    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.batch)]
-    pixels = model.pixel_values(images)
-    np.save(os.path.join(workdir, name, "pixel_values.npy"), pixels)  # the same for every dtype
-    n = args.new_tokens
-    out = {"jax": jax.__version__, "devices": str(jax.devices())}
-    for label, beams in (("greedy", 1), ("beam", args.beams)):
-        kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams)
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"the PyTorch side exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, name: str, label: str) -> dict:
+        self.proc.stdin.write(f"{name} {label}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _script(workdir: str) -> str:
+    script = os.path.join(workdir, "torch_side.py")
+    if not os.path.exists(script):
+        with open(script, "w") as f:
+            f.write(TORCH_SIDE)
+    return script
+
+
+def _torch_env() -> dict:
+    return dict(os.environ, TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+
+
+class OurSide:
+    def __init__(self, workdir: str, name: str, dtype: str, args):
+        import blip2_jax
+
+        self.model = blip2_jax.load(os.path.join(workdir, name), dtype=dtype)
+        rng = np.random.default_rng(0)
+        size = self.model.image_processor.size
+        images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.batch)]
+        self.pixels = self.model.pixel_values(images)
+        np.save(os.path.join(workdir, name, "pixel_values.npy"), self.pixels)  # the same for every dtype
+        self.n, self.beams = args.new_tokens, args.beams
+        self.compile_seconds = {label: self.run(label)["seconds"] for label in ("greedy", "beam")}
+
+    def run(self, label: str) -> dict:
+        beams = 1 if label == "greedy" else self.beams
         t = time.perf_counter()
-        model.generate_from_pixels(pixels, **kw)
-        warm = time.perf_counter() - t
-        best = float("inf")
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            tokens = model.generate_from_pixels(pixels, **kw)
-            best = min(best, time.perf_counter() - t)
-        out[label] = {"seconds": best, "warmup_seconds": warm, "tokens": tokens}
-    return out
+        tokens = self.model.generate_from_pixels(self.pixels, max_new_tokens=self.n, min_new_tokens=self.n,
+                                                 num_beams=beams)
+        return {"seconds": time.perf_counter() - t, "tokens": tokens}
 
 
 def main():
@@ -162,31 +195,49 @@ def main():
         sys.exit(f"unknown config(s) / dtype(s) {unknown}; configs: {', '.join(CONFIGS)}; dtypes: float32, bfloat16")
     spec = dict(configs=names, all=CONFIGS, tokenizer_dir=str(TOKENIZER_DIR), new_tokens=args.new_tokens,
                 beams=args.beams, repeats=args.repeats, attn=args.attn)
-    with tempfile.TemporaryDirectory() as workdir:
-        torch_side(args.torch_python, "create", workdir, spec)
-        ours = {(name, d): our_side(workdir, name, d, args) for name in names for d in dtypes}
-        theirs = json.loads(torch_side(args.torch_python, "bench", workdir, spec).strip().splitlines()[-1])
+    import jax
 
-    first = theirs[names[0]]
+    ours, theirs = {}, {}
+    with tempfile.TemporaryDirectory() as workdir:
+        torch_create(args.torch_python, workdir, spec)
+        sides = {(name, d): OurSide(workdir, name, d, args) for name in names for d in dtypes}
+        server = TorchServer(args.torch_python, workdir, spec)
+        for name in names:
+            for label in ("greedy", "beam"):
+                warm = server.run(name, label)
+                theirs[name, label] = dict(warm, warmup_seconds=warm["seconds"], seconds=float("inf"))
+                for d in dtypes:
+                    ours[name, d, label] = dict(tokens=None, seconds=float("inf"),
+                                                warmup_seconds=sides[name, d].compile_seconds[label])
+                for _ in range(args.repeats):  # alternate: both sides see the same load
+                    for d in dtypes:
+                        r = sides[name, d].run(label)
+                        o = ours[name, d, label]
+                        o["seconds"], o["tokens"] = min(o["seconds"], r["seconds"]), r["tokens"]
+                    r = server.run(name, label)
+                    theirs[name, label]["seconds"] = min(theirs[name, label]["seconds"], r["seconds"])
+        server.close()
+        info = server.info
+
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"ours: jax {ours[names[0], dtypes[0]]['jax']}; theirs: torch {first['torch']} "
-          f"({first['torch_threads']} threads, {args.attn} attention, float32)")
+          f"ours: jax {jax.__version__}; theirs: torch {info['torch']} "
+          f"({info['torch_threads']} threads, {args.attn} attention, float32)")
     print(f"# batch {args.batch}, {args.new_tokens} new tokens per sequence, beam = {args.beams} beams; best of "
-          f"{args.repeats}; dtype = our frozen towers (the Q-Former is float32)")
+          f"{args.repeats} alternating runs; dtype = our frozen towers (the Q-Former is float32)")
     head = (f"{'config':7} {'mode':6} {'dtype':8} {'ours tok/s':>10} {'torch tok/s':>11} {'speedup':>8} "
-            f"{'ours s':>7} {'torch s':>8} {'compile s':>9} {'same ids':>8}")
+            f"{'ours s':>7} {'torch s':>8} {'1st call s':>10} {'same ids':>8}")
     print(head)
     print("-" * len(head))
     total = args.batch * args.new_tokens
     for name in names:
         for label in ("greedy", "beam"):
-            t = theirs[name][label]
+            t = theirs[name, label]
             for d in dtypes:
-                o = ours[name, d][label]
+                o = ours[name, d, label]
                 same = "yes" if [list(x) for x in o["tokens"]] == t["tokens"] else "no"
                 print(f"{name:7} {label:6} {d:8} {total / o['seconds']:10.1f} {total / t['seconds']:11.1f} "
                       f"{t['seconds'] / o['seconds']:7.2f}x {o['seconds']:7.3f} {t['seconds']:8.3f} "
-                      f"{o['warmup_seconds']:9.1f} {same:>8}")
+                      f"{o['warmup_seconds']:10.1f} {same:>8}")
 
 
 if __name__ == "__main__":
