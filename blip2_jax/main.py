@@ -73,13 +73,19 @@ def _train(config, workdir: str, mesh) -> dict:
     start = 0
     if ckpt.latest_step() is not None:
         start, state, data_state = ckpt.restore(ckpt_lib.abstract_like(state))
-        train_iter.set_state(data_state)
+        data_state = _own_data_state(data_state)
+        if data_state is not None:
+            train_iter.set_state(data_state)
         logging.info("resumed from step %d", start)
     writer = metric_writer.MetricWriter(workdir)
     evals = evaluators.from_config(config.get("evals", {}), model=model, model_cfg=model_cfg, mesh=mesh)
 
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("signal", s))
+    # With several processes jax's preemption service owns SIGTERM and picks one step at which
+    # every process stops (`_preempted`); a Python handler would replace its handler.
+    own_sigterm = jax.process_count() == 1
+    if own_sigterm:
+        previous = signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("signal", s))
     rng0 = jax.random.key(int(config.seed))
     total, log_every = int(config.total_steps), int(config.log_every)
     flops, peak = None, peak_flops_per_device(config)
@@ -109,16 +115,18 @@ def _train(config, workdir: str, mesh) -> dict:
             for name, value in evals.run_due(done, state.params, frozen):
                 writer.write(done, {name: value})
                 last[name] = value
-            ckpt.save(done, state, train_iter.get_state(), force=done == total)
+            ckpt.save(done, state, _data_state(train_iter, ckpt, done, done == total), force=done == total)
             if stop["signal"] is not None or _preempted(done):
-                ckpt.save(done, state, train_iter.get_state(), force=True)
+                if ckpt.latest_step() != done:  # orbax itself saves at a preemption sync point
+                    ckpt.save(done, state, _data_state(train_iter, ckpt, done, True), force=True)
                 logging.warning("stopping on signal at step %d after a final save", done)
                 break
     finally:
         ckpt.close()
         writer.close()
         train_iter.close()  # stops grain's worker processes, if any
-        signal.signal(signal.SIGTERM, previous)
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, previous)
     return last
 
 
@@ -137,8 +145,26 @@ def create_state(config, mesh):
     frozen = train_state.cast_frozen(frozen, config.model.get("frozen_param_dtype", "bfloat16"))
     logging.info("parameters: trainable %.2fM, frozen %.2fM", _count(trainable) / 1e6, _count(frozen) / 1e6)
     tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
-    state = jax.jit(lambda p: train_state.TrainState.create(p, tx))(trainable)
+    state = jax.jit(lambda p: train_state.TrainState.create(p, tx),
+                    out_shardings=state_shardings(tx, trainable, mesh))(trainable)
     return model, model_cfg, task, state, frozen, schedule
+
+
+def state_shardings(tx, trainable, mesh):
+    """Shardings of `TrainState.create(trainable, tx)`: optimizer moments split like their
+    parameters, counters replicated. (Left to jit, the moments come out replicated, and the
+    first step then returns another layout, which recompiles the step.)"""
+    import jax
+    import optax
+
+    from blip2_jax import sharding, train_state
+
+    abstract = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), trainable)
+    params = jax.tree.map(lambda x: x.sharding, trainable)
+    rep = sharding.replicated(mesh)
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
+                                transform_non_params=lambda _: rep)
+    return abstract.replace(step=rep, params=params, opt_state=opt)
 
 
 def make_train_step(task, schedule, accum: int = 1):
@@ -179,10 +205,47 @@ def make_train_step(task, schedule, accum: int = 1):
 def _write_config(config, workdir: str) -> None:
     """WORKDIR/config.json: what evaluation and stage-2 initialisation read back."""
     import jax
+    from etils import epath  # local paths and gs:// (through gcsfs) alike
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        path = epath.Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def _data_state(train_iter, ckpt, step: int, force: bool):
+    """The data-iterator state to checkpoint at `step`. Orbax writes JSON items from process 0
+    only, but every process reads its own shard: with several processes, all their states are
+    gathered (when a save is due) as {"per_process": [state of process 0, 1, ...]}."""
+    import json
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return train_iter.get_state()
+    if not (force or ckpt.manager.should_save(step)):
+        return None
+    raw = np.frombuffer(json.dumps(train_iter.get_state()).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size]))[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = multihost_utils.process_allgather(padded)
+    return {"per_process": [json.loads(every[i, :n].tobytes()) for i, n in enumerate(sizes)]}
+
+
+def _own_data_state(data_state):
+    """This process's part of a restored data state (see `_data_state`); None when the
+    checkpoint was written by a different number of processes (the input then restarts)."""
+    import jax
+    if not (isinstance(data_state, dict) and "per_process" in data_state):
+        return data_state if jax.process_count() == 1 else None
+    states = data_state["per_process"]
+    if len(states) != jax.process_count():
+        logging.warning("the data state was saved by %d processes, not %d: the input pipeline "
+                        "starts afresh", len(states), jax.process_count())
+        return None
+    return states[jax.process_index()]
 
 
 def maybe_initialize_distributed(config) -> None:
