@@ -78,7 +78,9 @@ def _train(config, workdir: str, mesh) -> dict:
             train_iter.set_state(data_state)
         logging.info("resumed from step %d", start)
     writer = metric_writer.MetricWriter(workdir)
-    evals = evaluators.from_config(config.get("evals", {}), model=model, model_cfg=model_cfg, mesh=mesh)
+    evals = evaluators.from_config(config.get("evals", {}), model=model, model_cfg=model_cfg, mesh=mesh,
+                                   llm_tokenizer=config.input.llm_tokenizer,
+                                   qformer_tokenizer=config.input.qformer_tokenizer)
 
     stop = {"signal": None}
     # With several processes jax's preemption service owns SIGTERM and picks one step at which
