@@ -197,3 +197,27 @@ def test_checkpoint_restores_in_one_process_on_another_mesh(stage1_job):
     # resharded and whole restores hold the same numbers (the resumed losses show that they
     # are the right ones)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(whole))
+
+
+def test_config_json_on_gcs_goes_through_fsspec(monkeypatch):
+    """gs:// workdirs: the trainer's own files go through etils.epath -> fsspec's "gcs" protocol
+    (gcsfs on a TPU VM; an in-memory stand-in here). Checkpoint arrays go through tensorstore's
+    own GCS driver."""
+    import importlib
+
+    from etils.epath import backend
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store, pseudo_dirs = {}, [""]  # its own store, not memory://'s
+
+    registry = importlib.import_module("fsspec.registry")._registry
+    for p in FakeGCS.protocol:
+        monkeypatch.setitem(registry, p, FakeGCS)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    try:
+        main._write_config(_config("stage1"), "gs://bucket/run")
+        assert json.loads(FakeGCS().cat("gs://bucket/run/config.json"))["task"] == "stage1"
+    finally:
+        backend.fsspec_backend._get_filesystem.cache_clear()
