@@ -6,9 +6,10 @@
     model.match(images, texts)           -> {"itm_probability", "itc_similarity"} [Ni, Nt]
     model.retrieve(images, queries, k=128, top=5)  (text -> image: ITC top-k, ITM re-rank)
 
-Images are PIL images, paths or arrays. Every device computation is one jitted function, traced
-once per (batch bucket, length bucket, options): prompt/text lengths are padded to multiples of
-`length_bucket` and batches to {1, 2, 4, 8, 16, 24, ...}, so repeated calls reuse the programs.
+Images are PIL images, paths or arrays. The device work is a few jitted functions (image side;
+prefill + decoding loop; scoring; ITM), created once per object and traced once per (batch
+bucket, length bucket, options): prompt/text lengths are padded to multiples of `length_bucket`
+and batches to {1, 2, 4, 8, 16, 24, ...}, so repeated calls reuse the compiled programs.
 """
 from __future__ import annotations
 

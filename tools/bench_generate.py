@@ -48,6 +48,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
                           OPTConfig)
 from transformers.utils import logging
 logging.set_verbosity_error()
+logging.disable_progress_bar()
 
 def create(name, c):
     im, patch, vh, vl, vheads, vmlp = c["vision"]
@@ -122,9 +123,10 @@ class TorchServer:
     """The PyTorch side as a child process timing one `generate` per request, so that the two
     sides alternate run by run and see the same machine load."""
 
-    def __init__(self, python: str, workdir: str, spec: dict):
+    def __init__(self, python: str, workdir: str, spec: dict, omp_wait: str):
         self.proc = subprocess.Popen([python, _script(workdir), "serve", workdir, json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_torch_env())
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=_torch_env(omp_wait))
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -152,8 +154,13 @@ def _script(workdir: str) -> str:
     return script
 
 
-def _torch_env() -> dict:
-    return dict(os.environ, TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+def _torch_env(omp_wait: str = "passive") -> dict:
+    env = dict(os.environ, TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    if omp_wait == "passive":
+        # OpenMP's default spin-waiting collapses (10-30x) when other processes share the cores;
+        # sleeping waits keep the reference's timings meaningful on a shared machine.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
 
 
 class OurSide:
@@ -187,6 +194,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", default="float32,bfloat16", help="our frozen towers' dtypes, one row each")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
+    p.add_argument("--torch-omp-wait", default="passive", choices=("passive", "default"),
+                   help="OMP_WAIT_POLICY of the PyTorch side (passive: robust on a shared machine)")
     args = p.parse_args()
     names = [c for c in args.configs.split(",") if c]
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -201,7 +210,7 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         torch_create(args.torch_python, workdir, spec)
         sides = {(name, d): OurSide(workdir, name, d, args) for name in names for d in dtypes}
-        server = TorchServer(args.torch_python, workdir, spec)
+        server = TorchServer(args.torch_python, workdir, spec, args.torch_omp_wait)
         for name in names:
             for label in ("greedy", "beam"):
                 warm = server.run(name, label)
@@ -221,7 +230,7 @@ def main():
 
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"ours: jax {jax.__version__}; theirs: torch {info['torch']} "
-          f"({info['torch_threads']} threads, {args.attn} attention, float32)")
+          f"({info['torch_threads']} threads, OMP wait {args.torch_omp_wait}, {args.attn} attention, float32)")
     print(f"# batch {args.batch}, {args.new_tokens} new tokens per sequence, beam = {args.beams} beams; best of "
           f"{args.repeats} alternating runs; dtype = our frozen towers (the Q-Former is float32)")
     head = (f"{'config':7} {'mode':6} {'dtype':8} {'ours tok/s':>10} {'torch tok/s':>11} {'speedup':>8} "
