@@ -198,7 +198,7 @@ def make_train_step(task, schedule, accum: int = 1):
             (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
             grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
         new_state = state.apply_gradients(grads)
-        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         return new_state, metrics
 
     return train_step

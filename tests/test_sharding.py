@@ -20,6 +20,11 @@ def _config(name):
     spec.loader.exec_module(mod)
     c = mod.get_config()
     c.input.batch_size = B
+    # Adam's first step is sign-like (g / (|g| + eps)): with the default eps, round-off in
+    # gradients near zero (summation order differs between meshes) becomes an O(lr) update.
+    # A larger eps keeps the update a smooth function of the gradient, so the comparison below
+    # tests the sharded computation rather than that amplification.
+    c.optim.eps = 1e-3
     return c
 
 
