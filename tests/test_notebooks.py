@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 NOTEBOOKS = ROOT / "notebooks"
 
 
-def _execute(name: str, timeout: int = 600):
+def _execute(name: str, timeout: int = 900):
     """Runs notebooks/<name> with `SMOKE = True` injected after its parameters cell (as
     papermill does); returns the executed notebook."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -33,11 +33,11 @@ def _text(nb) -> str:
         for o in cell.get("outputs", []):
             out.append(o.get("text", ""))
             data = o.get("data", {})
-            out.append(data.get("text/plain", "") + data.get("text/html", ""))
+            out += [data.get(k, "") for k in ("text/plain", "text/html", "text/markdown")]
     return "\n".join(out)
 
 
-@pytest.mark.parametrize("name", ["blip2_inference.ipynb"])
+@pytest.mark.parametrize("name", ["blip2_inference.ipynb", "blip2_miniature_training.ipynb"])
 def test_pinned_versions_are_the_tested_ones(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
@@ -53,3 +53,13 @@ def test_inference_notebook_runs():
     assert "caption</b>:" in text and "<b>A</b>:" in text
     assert "rank 1, score" in text and "ITM probability" in text
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_miniature_training_notebook_runs(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the kernel's devices
+    nb = _execute("blip2_miniature_training.ipynb")
+    text = _text(nb)
+    assert "VQA accuracy (%)" in text and "caption CIDEr" in text
+    assert "<b>model</b>:" in text and "(truth:" in text
+    m = re.search(r"stage-2 LM loss: ([0-9.]+) at step (\d+), ([0-9.]+) at step (\d+)", text)
+    assert m and int(m.group(4)) == int(m.group(2)) + 4
