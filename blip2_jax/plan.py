@@ -17,6 +17,7 @@ other mesh shapes, remat policies and gradient accumulation are compiled until o
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 import time
@@ -110,6 +111,10 @@ def topology_devices(name: str):
     if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)+", topo):
         raise ValueError(f"unknown topology {name!r}: use e.g. v5e:4x4, v5e-16, v4-32 or cpu:8")
     from jax.experimental import topologies
+    # Compiling only: no metadata-server queries off Google Cloud, and no lock on the TPU (a
+    # training job may hold it while a plan is made on the same VM).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"chip_config_name": "megacore"} if topo.startswith("v4:") else {}  # one device per v4 chip
     try:
         devices = topologies.get_topology_desc(topo, "tpu", **kwargs).devices
