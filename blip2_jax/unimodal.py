@@ -198,15 +198,21 @@ class AttributeClassifier(nn.Module):
 
 
 def attribute_loss(cell_logits, bg_logits, targets, background):
-    """Mean cross-entropy over the three per-cell attributes and the background; -> (loss,
-    accuracy of each)."""
+    """Mean cross-entropy over the three per-cell attributes and the background.
+
+    Returns (loss, accuracies [5]): shape, colour and size on the occupied cells (an empty cell
+    is 2 of 3 on average, so counting it would flatter), occupancy (empty or not) of every
+    cell, background."""
     splits = np.cumsum([len(SHAPE_CLASSES), len(COLOUR_CLASSES)])
     parts = jnp.split(cell_logits, splits, axis=-1)
+    occupied = (targets[..., 0] > 0).astype(jnp.float32)
     losses, accs = [], []
     for i, logits in enumerate(parts):
         logp = jax.nn.log_softmax(logits)
         losses.append(-jnp.mean(jnp.take_along_axis(logp, targets[..., i:i + 1], -1)))
-        accs.append(jnp.mean(jnp.argmax(logits, -1) == targets[..., i]))
+        hit = (jnp.argmax(logits, -1) == targets[..., i]).astype(jnp.float32)
+        accs.append(jnp.sum(hit * occupied) / jnp.maximum(jnp.sum(occupied), 1.0))
+    accs.append(jnp.mean((jnp.argmax(parts[0], -1) > 0) == (targets[..., 0] > 0)))
     logp = jax.nn.log_softmax(bg_logits)
     losses.append(-jnp.mean(jnp.take_along_axis(logp, background[:, None], -1)))
     accs.append(jnp.mean(jnp.argmax(bg_logits, -1) == background))
@@ -255,9 +261,8 @@ def pretrain_vision(cfg, train: dict, val: dict, out_dir: str, progress: Progres
     save_state_dict(tensors, out_dir)
     _write_json(os.path.join(out_dir, "config.json"),
                 dict(vcfg.to_hf(), architectures=["Blip2VisionModel"]))
-    return {"val_shape_acc": float(accs[0]), "val_colour_acc": float(accs[1]),
-            "val_size_acc": float(accs[2]), "val_background_acc": float(accs[3]),
-            "final_loss": float(loss)}
+    names = ("shape", "colour", "size", "occupancy", "background")
+    return {**{f"val_{n}_acc": float(a) for n, a in zip(names, accs)}, "final_loss": float(loss)}
 
 
 # ------------------------------------------------------------------------------------- language model

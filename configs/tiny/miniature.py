@@ -27,7 +27,7 @@ LM_IDS = dict(bos_token_id=2, pad_token_id=1, eos_token_id=4)  # unimodal.LM_SPE
 DATASET = "synthetic_shapes"  # default config: 2000 / 250 / 250 scenes, 80 px (resized to 64)
 
 # phase -> (steps, fast steps)
-STEPS = {"vision": (300, 100), "lm": (1000, 300), "stage1": (400, 150), "stage2": (600, 150)}
+STEPS = {"vision": (300, 200), "lm": (1000, 300), "stage1": (400, 150), "stage2": (600, 150)}
 
 
 def _args(arg: str) -> tuple[str, dict]:
