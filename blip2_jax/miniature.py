@@ -43,7 +43,7 @@ class Phase:
     def __init__(self, index: int, count: int, name: str, total: int | None = None, unit: str = "steps"):
         self.label, self.total, self.unit = f"[{index}/{count}] {name}", total, unit
         self.t0, self.cpu0, self.done, self.tty = time.time(), cpu_seconds(), 0, sys.stderr.isatty()
-        self._last = 0.0
+        self._last, self.suffix = 0.0, ""
         self._draw(force=True)
 
     def update(self, done: int, total: int | None = None) -> None:
@@ -62,12 +62,12 @@ class Phase:
             bar = f"  |{'#' * int(20 * frac):<20}| {self.done}/{self.total} {self.unit}{eta}"
         elif self.done:
             bar = f"  {self.done} {self.unit}"
-        print(f"\r{self.label:<44}{bar}  {dt:.0f}s\033[K" if self.tty else f"{self.label:<44}{bar}  {dt:.0f}s",
-              end=end, file=sys.stderr, flush=True)
+        text = f"{self.label:<44}{bar}  {dt:.0f}s{self.suffix}"
+        print(f"\r{text}\033[K" if self.tty else text, end=end, file=sys.stderr, flush=True)
 
     def close(self, note: str = "") -> float:
         self.cpu = cpu_seconds() - self.cpu0
-        self.label += f"  ({note + ', ' if note else ''}cpu {self.cpu:.0f}s)"
+        self.suffix = f" ({note + ', ' if note else ''}cpu {self.cpu:.0f}s)"
         self._draw(end="\n")
         return time.time() - self.t0
 
@@ -102,9 +102,9 @@ def _load_py(path: pathlib.Path, arg: str):
     return module.get_config(arg)
 
 
-def miniature_config(phase: str, workdir: str, fast: bool):
+def miniature_config(phase: str, workdir: str, fast: bool, seed: int = 0):
     w = os.path.abspath(workdir)
-    arg = f"{phase},towers={w}/towers,stage1={w}/stage1,data_dir={w}/tfds,fast={int(fast)}"
+    arg = f"{phase},towers={w}/towers,stage1={w}/stage1,data_dir={w}/tfds,fast={int(fast)},seed={seed}"
     return _load_py(CONFIG, arg)
 
 
@@ -124,11 +124,12 @@ def eval_config(kind: str, overrides: dict, output_dir: str):
     return c
 
 
-def command_line(phase: str, workdir: str, fast: bool) -> str:
+def command_line(phase: str, workdir: str, fast: bool, seed: int = 0) -> str:
     """The equivalent `python -m blip2_jax.main` command of a training phase."""
     w = workdir
+    extra = (",fast=1" if fast else "") + (f",seed={seed}" if seed else "")
     return (f"python -m blip2_jax.main --config=configs/tiny/miniature.py:{phase},towers={w}/towers,"
-            f"stage1={w}/stage1,data_dir={w}/tfds{',fast=1' if fast else ''} --workdir={w}/{phase}")
+            f"stage1={w}/stage1,data_dir={w}/tfds{extra} --workdir={w}/{phase}")
 
 
 # ------------------------------------------------------------------------------------- phases
@@ -386,7 +387,7 @@ def examples(questions: list[dict], runs: dict, count: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- pipeline
-def run(workdir: str, fast: bool = False, skip_ablation: bool = False) -> dict:
+def run(workdir: str, fast: bool = False, skip_ablation: bool = False, seed: int = 0) -> dict:
     """The whole miniature; returns (and writes to WORKDIR/results.json) every number."""
     _prepare_workdir(workdir)
     import jax
@@ -398,27 +399,28 @@ def run(workdir: str, fast: bool = False, skip_ablation: bool = False) -> dict:
     t_start, cpu_start = time.time(), cpu_seconds()
     count = 7 if not skip_ablation else 6
     w = os.path.abspath(workdir)
-    uni = miniature_config("unimodal", w, fast)
-    ev = miniature_config("eval", w, fast)
-    results: dict = {"fast": fast, "commands": {}, "seconds": {}, "runs": {}}
+    uni = miniature_config("unimodal", w, fast, seed)
+    ev = miniature_config("eval", w, fast, seed)
+    results: dict = {"fast": fast, "seed": seed, "commands": {}, "seconds": {}, "runs": {}}
 
     p = Phase(1, count, "data: build synthetic_shapes", unit="")
     with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own progress
         builders.prepare_dataset(uni.dataset, uni.data_dir)
     results["seconds"]["data"] = p.close()
 
-    phases = {}
+    current: list[Phase] = []
 
-    def tower_phase(name, total):
-        phases[name] = Phase(2, count, f"towers: {name}", total)
-        return phases[name].update
+    def tower_phase(name, total):  # one line per tower, each closed when the next starts
+        if current:
+            current.pop().close()
+        current.append(Phase(2, count, f"towers: {name}", total))
+        return current[-1].update
     t = time.time()
     results["towers"] = unimodal.pretrain_towers(uni, os.path.join(w, "towers"), tower_phase)
-    for ph in phases.values():
-        ph.close()
+    current.pop().close()
     results["seconds"]["towers"] = time.time() - t
 
-    s1, s2, s2x = (miniature_config(n, w, fast) for n in ("stage1", "stage2", "stage2_no_stage1"))
+    s1, s2, s2x = (miniature_config(n, w, fast, seed) for n in ("stage1", "stage2", "stage2_no_stage1"))
     p = Phase(3, count, "start: random Q-Former draw", unit="")
     write_qformer_start(s1, s2x, float(uni.qformer_init_std), int(uni.seed))
     results["seconds"]["start"] = p.close()
@@ -429,8 +431,9 @@ def run(workdir: str, fast: bool = False, skip_ablation: bool = False) -> dict:
                   int(cfg.total_steps))
         last = train_phase(p, cfg, os.path.join(w, name))
         run_w.setdefault("train", {})["seconds"] = run_w.get("train", {}).get("seconds", 0) + p.close()
-        run_w["train"].update({k: v for k, v in last.items() if k.endswith("loss")})
-        results["commands"][name] = command_line(name, workdir, fast)
+        run_w["train"].update({(f"{name}_{k}" if name == "stage1" else k): v
+                               for k, v in last.items() if k.endswith("loss")})
+        results["commands"][name] = command_line(name, workdir, fast, seed)
 
     questions = test_questions(os.path.join(w, "tfds"), ev.caption.input.split)
     results["runs"]["blind"] = blind_baselines(os.path.join(w, "tfds"), questions)
@@ -458,7 +461,7 @@ def run(workdir: str, fast: bool = False, skip_ablation: bool = False) -> dict:
         p = Phase(7, count, "ablation: stage 2 without stage 1", int(s2x.total_steps))
         last = train_phase(p, s2x, os.path.join(w, "stage2_no_stage1"))
         run_wo["train"] = {"seconds": p.close(), **{k: v for k, v in last.items() if k.endswith("loss")}}
-        results["commands"]["stage2_no_stage1"] = command_line("stage2_no_stage1", workdir, fast)
+        results["commands"]["stage2_no_stage1"] = command_line("stage2_no_stage1", workdir, fast, seed)
         evaluate_run(7, "zero-shot, without stage 1", "without_stage1", os.path.join(w, "stage2_no_stage1"))
 
     results["seconds"]["total"] = time.time() - t_start
@@ -489,6 +492,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="workdir/miniature", help="where every phase writes")
     parser.add_argument("--fast", action="store_true", help="the shortened pipeline of the tests")
     parser.add_argument("--skip_ablation", action="store_true", help="skip the run without stage 1")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -498,7 +502,7 @@ def main(argv=None) -> None:
     logging.set_verbosity(logging.ERROR)
     import tensorflow_datasets as tfds
     tfds.display_progress_bar(False)
-    results = run(args.workdir, fast=args.fast, skip_ablation=args.skip_ablation)
+    results = run(args.workdir, fast=args.fast, skip_ablation=args.skip_ablation, seed=args.seed)
     sec = results["seconds"]
     print(f"\nMiniature BLIP-2 on synthetic_shapes, zero-shot on held-out scenes "
           f"({'--fast, ' if results['fast'] else ''}{sec['total']:.0f}s wall, {sec['total_cpu']:.0f}s cpu)\n")

@@ -11,7 +11,8 @@ Argument: `<phase>[,key=value...]`. Phases: `unimodal` (the towers' pretraining,
 unimodal.py), `stage1`, `stage2`, `stage2_no_stage1` (the paper's Fig. 5 ablation: a random
 Q-Former straight into stage 2, same stage-2 steps), `eval` (the zero-shot evaluations).
 Keys: towers (the directory `unimodal` wrote: vision/, opt/, qformer_tokenizer/), stage1 (the
-stage-1 workdir), data_dir (TFDS folder), fast (1: the shortened pipeline of the tests).
+stage-1 workdir), data_dir (TFDS folder), fast (1: the shortened pipeline of the tests), seed
+(default 0: the towers' and the Q-Former's initialisation, data order).
 
 The models are the tiny ones of configs/tiny/ (blip2_jax/configs_tiny.py) with one change: both
 text vocabularies are the synthetic corpus's words (at most `VOCAB` entries, built by
@@ -33,7 +34,7 @@ STEPS = {"vision": (300, 200), "lm": (1000, 300), "stage1": (400, 150), "stage2"
 def _args(arg: str) -> tuple[str, dict]:
     phase, *rest = [a for a in (arg or "").split(",") if a]
     kv = dict(item.split("=", 1) for item in rest)
-    unknown = set(kv) - {"towers", "stage1", "data_dir", "fast"}
+    unknown = set(kv) - {"towers", "stage1", "data_dir", "fast", "seed"}
     if unknown:
         raise ValueError(f"miniature config: unknown key(s) {sorted(unknown)}")
     return phase, kv
@@ -57,6 +58,7 @@ def _train_common(c, kv: dict, fast: bool, steps: int):
     c.optim.warmup_steps = 20
     c.optim.peak_lr = 1e-3
     c.optim.min_lr = 1e-4
+    c.seed = c.input.seed = int(kv.get("seed", 0))
     c.log_every = 10
     c.ckpt_every = steps          # one checkpoint, at the end: stage 2 and evaluation read it
     c.keep_ckpts = 1
@@ -103,7 +105,7 @@ def _stage2(kv, fast, from_stage1: bool):
 def _unimodal(kv, fast):
     """The towers' pretraining (blip2_jax/unimodal.py): each on its own modality only."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = int(kv.get("seed", 0))
     c.data_dir = kv.get("data_dir") or None
     c.dataset = DATASET
     c.vocab_size = VOCAB
