@@ -208,45 +208,18 @@ class _CountingPredictor:
         return counted
 
 
-def predictor_from_workdir(workdir: str, mesh):
-    """A ModelPredictor over a training run: the towers from the sources its config.json names,
-    the trained params from its last checkpoint (as `blip2_jax.evaluate --workdir` does; that
-    module's absl flags clash with the trainer's, so it is not imported here)."""
-    import jax
-    import ml_collections
-
-    from blip2_jax import train_state
-    from blip2_jax.evaluators.predictor import ModelPredictor
-    from blip2_jax.weights import init as init_lib
-
-    with open(os.path.join(workdir, "config.json")) as f:
-        tc = ml_collections.ConfigDict(json.load(f))
-    trained = init_lib.restore_trainable(workdir)
-    if tc.init.source == "stage1":  # the trainable part comes from the checkpoint
-        tc.init.source = "unimodal"
-    model, model_cfg = init_lib.build_model(tc.model)
-    trainable, frozen = train_state.split_params(init_lib.init_params(model, model_cfg, tc, mesh),
-                                                 list(tc.frozen_patterns))
-    frozen = train_state.cast_frozen(frozen, tc.model.get("frozen_param_dtype", "bfloat16"))
-    trainable = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
-                             trained, trainable)
-    return ModelPredictor(model, model_cfg, mesh, train_state.merge_params(trainable, frozen),
-                          llm_tokenizer=tc.input.get("llm_tokenizer"),
-                          qformer_tokenizer=tc.input.get("qformer_tokenizer"))
-
-
 def evaluate_phase(phase: Phase, workdir: str, kinds: dict) -> dict:
     """Runs each evaluator config of `kinds` ({kind: config}) on a training workdir."""
     import flax.linen as nn
     import jax
 
-    from blip2_jax import sharding
+    from blip2_jax import evaluate, sharding
     from blip2_jax.evaluators import registry, runners  # noqa: F401  (registers the evaluators)
 
     results = {}
     mesh = sharding.make_mesh()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        predictor = predictor_from_workdir(workdir, mesh)
+        predictor = evaluate.predictor_from_workdir(workdir, next(iter(kinds.values())), mesh)
         counted = _CountingPredictor(predictor, phase)
         for kind, config in kinds.items():
             evaluator = registry.EVALUATORS[config.type](config, mesh=mesh, predictor=counted)
@@ -270,16 +243,17 @@ def read_predictions(output_dir: str) -> dict:
 def test_questions(data_dir: str, split: str) -> list[dict]:
     """The held-out scenes as the VQA evaluator sees them: one question per image (the pipeline
     picks question `image_id % n`), its answer and type, the reference captions."""
+    from blip2_jax import unimodal
     from blip2_jax.data import pipeline
     from blip2_jax.data import text as text_lib
     ic = pipeline.default_input_config()
     ic.dataset, ic.split, ic.data_dir = "synthetic_shapes", split, data_dir
     source = pipeline.load_source(ic)
+    dec = unimodal.as_text
     rows = []
     for i in range(len(source)):
         r = source[i]
         n, iid = len(r["qa_questions"]), int(r["image_id"])
-        dec = lambda x: x.decode() if isinstance(x, bytes) else str(x)  # noqa: E731
         rows.append({"image_id": iid, "question": text_lib.normalize_question(dec(r["qa_questions"][iid % n])),
                      "answer": dec(r["qa_answers"][iid % n]), "type": dec(r["qa_types"][iid % n]),
                      "captions": [dec(c) for c in r["captions"]]})
@@ -358,8 +332,8 @@ def verdict(results: dict) -> str:
     cider = [100 * r["caption"].get("CIDEr", float("nan")) for r in (w, wo, blind)]
     vqa = [r["vqa"]["accuracy"] for r in (w, wo, blind)]
     cap = ("worse" if cider[1] < cider[0] else "not worse") + " without stage 1"
-    lines = [f"Captioning: {cap} (CIDEr {cider[0]:.1f} with stage 1, {cider[1]:.1f} without; "
-             f"blind {cider[2]:.1f})."]
+    lines = [(f"Captioning: {cap} (CIDEr {cider[0]:.1f} with stage 1, {cider[1]:.1f} without; "
+              f"blind {cider[2]:.1f}).")]
     # Two standard errors of an accuracy over n questions: smaller gaps are noise.
     n = max(len(results.get("questions", [])) or 250, 1)
     se2 = 2 * 100 * (max(vqa[2], 1) / 100 * (1 - max(vqa[2], 1) / 100) / n) ** 0.5

@@ -29,7 +29,7 @@ import json
 import os
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -61,7 +61,8 @@ IGNORE = text_lib.IGNORE
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-def _str(x) -> str:
+def as_text(x) -> str:
+    """A TFDS text field (bytes or str) as str."""
     return x.decode("utf-8", "replace") if isinstance(x, (bytes, np.bytes_)) else str(x)
 
 
@@ -80,11 +81,11 @@ def read_scenes(dataset: str, split: str, data_dir: str | None, image_size: int 
     out = {"captions": [], "qa": [], "targets": [], "background": [], "images": []}
     for i in range(len(source)):
         rec = source[i]
-        out["captions"].append([text_lib.normalize_caption(_str(c)) for c in rec["captions"]])
-        out["qa"].append([(text_lib.normalize_question(_str(q)), _str(a).strip())
+        out["captions"].append([text_lib.normalize_caption(as_text(c)) for c in rec["captions"]])
+        out["qa"].append([(text_lib.normalize_question(as_text(q)), as_text(a).strip())
                           for q, a in zip(rec["qa_questions"], rec["qa_answers"])])
         out["targets"].append(attribute_targets(rec["objects"]))
-        out["background"].append(BACKGROUND_CLASSES.index(_str(rec["background"])))
+        out["background"].append(BACKGROUND_CLASSES.index(as_text(rec["background"])))
         if image_size:
             img, _ = transforms.decode(rec["image"])
             out["images"].append(transforms.normalize(transforms.eval_image(img, image_size)))
@@ -100,8 +101,8 @@ def attribute_targets(objects: dict) -> np.ndarray:
     for shape, colour, size, row, col in zip(objects["shape"], objects["colour"], objects["size"],
                                             objects["row"], objects["col"]):
         cell = int(row) * shapes.GRID + int(col)
-        t[cell] = (SHAPE_CLASSES.index(_str(shape)), COLOUR_CLASSES.index(_str(colour)),
-                   SIZE_CLASSES.index(_str(size)))
+        t[cell] = (SHAPE_CLASSES.index(as_text(shape)), COLOUR_CLASSES.index(as_text(colour)),
+                   SIZE_CLASSES.index(as_text(size)))
     return t
 
 

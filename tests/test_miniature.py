@@ -28,7 +28,7 @@ def results(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-m", "blip2_jax.miniature", "--fast", f"--workdir={workdir}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False)
     if p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stderr[-4000:]}")
     out = json.loads((workdir / "results.json").read_text())
