@@ -18,9 +18,10 @@ on synthetic_shapes:
   holds text followed by text about it. It never sees an image.
 
 Both towers are saved as transformers-format directories that `weights/init.py` reads:
-`vision/` (Blip2VisionModel tensors under `vision_model.*`), `opt/` (an OPTForCausalLM
-directory with its word-level tokenizer); `qformer_tokenizer/` holds the Q-Former's word-level
-BERT-style tokenizer. Both vocabularies are the words of the training split.
+`vision/` (the ViT's tensors under their names in a transformers BLIP-2 checkpoint,
+`vision_model.*`, with a Blip2VisionConfig), `opt/` (an OPTForCausalLM directory with its
+word-level tokenizer; transformers loads it as is); `qformer_tokenizer/` holds the Q-Former's
+word-level BERT-style tokenizer. Both vocabularies are the words of the training split.
 """
 from __future__ import annotations
 
