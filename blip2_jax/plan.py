@@ -1,7 +1,7 @@
 r"""Ahead-of-time memory plans: compile the real train step for a TPU slice on this (CPU) host.
 
   python -m blip2_jax.plan --config=configs/stage2_t5.py:xxl --topology=v5e-16 \
-      [--config.mesh_shape=(1,16,1) --config.model.remat_policy=full ...]
+      [--config.mesh_shape=(1,16,1) --config.model.remat_policy=full ...] [--nocompile]
   python -m blip2_jax.plan --table          # the paper's configurations x v4-32, v5e-16, v5p-8
 
 A TPU topology ("v5e:4x4", or a slice name such as "v5e-16") needs libtpu (the `tpu` extra);
@@ -11,8 +11,10 @@ them. "cpu:N" plans on N local CPU devices instead (tests; `--hbm_gib` sets thei
 Printed per device: trainable and frozen parameter bytes and optimizer bytes (from the
 shardings of the abstract state), the activations the backward pass keeps (the residuals of
 `jax.vjp` of the loss, batch-split), XLA's argument / output / temporary bytes and peak, the
-FLOPs of one step (XLA's cost analysis), and whether the peak fits in HBM. When it does not,
-other mesh shapes, remat policies and gradient accumulation are compiled until one fits.
+FLOPs of one step (XLA's HLO cost analysis of the step with unrolled layers), and whether the
+peak fits in HBM. When it does not, other mesh shapes, remat policies and gradient
+accumulation are tried until one fits. Compiling a large model takes minutes per setting;
+`--nocompile` only traces, and estimates the temporaries as gradients + kept activations.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology (v5e:4x4) or sli
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB (default: the chip's HBM).")
 _SUGGEST = flags.DEFINE_bool("suggest", True, "When the step does not fit, search for a setting that does.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the markdown table of the paper's configurations.")
+_COMPILE = flags.DEFINE_bool("compile", True, "Compile with XLA (minutes per setting for large models); "
+                             "--nocompile traces only and estimates (seconds).")
 
 GIB = 1024 ** 3
 
@@ -48,7 +52,7 @@ SLICES = {
 HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95, "TPU v6 lite": 32,
            "TPU v6e": 32}
 # What the search tries, in order, when a step does not fit (each on top of the last).
-ACCUM_STEPS = (2, 4, 8, 16)
+MAX_ACCUM = 16
 
 # The paper's configurations (§3.4 batch sizes, in the configs) for `--table`.
 PAPER_CONFIGS = (("stage 1, ViT-g", "configs/stage1_pretrain.py", "vitg"),
@@ -82,7 +86,13 @@ class Plan:
     flops: float
     peak_flops: float | None
     compile_s: float
-    compiled: bool = True  # False: the compiler refused it for memory (temp_bytes is its need)
+    # "compiled": XLA's numbers; "oom": the compiler refused it for memory (temp_bytes is what
+    # it asked for); "estimate": traced only (temporaries = gradients + kept activations)
+    source: str = "compiled"
+
+    @property
+    def compiled(self) -> bool:
+        return self.source == "compiled"
 
     @property
     def fits(self) -> bool:
@@ -223,12 +233,12 @@ def activation_bytes(task, state, frozen, batch, rng, accum: int, batch_shards: 
 
 
 # ------------------------------------------------------------------ one plan
-def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "") -> Plan:
+def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "", compile: bool = True) -> Plan:
     """Compiles the train step of `config` (mesh, remat, batch, accumulation as configured) for
-    `devices` and measures it."""
+    `devices` and measures it. `compile=False` only traces it: an estimate in seconds instead
+    of XLA's numbers in minutes (see `Plan.source`)."""
     import flax.linen as nn
     import jax
-    import numpy as np
 
     from blip2_jax import sharding
 
@@ -244,27 +254,32 @@ def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "") 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(sharding.RULES):
         acts = activation_bytes(task, state, frozen, batch, rng, accum, shards)
         t0 = time.time()
-        try:
-            compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch, rng).compile()
-            oom = None
-        except jax.errors.JaxRuntimeError as e:
-            oom = _compile_oom(str(e))
-            if oom is None:
-                raise
+        lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch, rng)
+        source, oom = "estimate", None
+        if compile:
+            try:
+                compiled, source = lowered.compile(), "compiled"
+            except jax.errors.JaxRuntimeError as e:
+                oom, source = _compile_oom(str(e)), "oom"
+                if oom is None:
+                    raise
         compile_s = time.time() - t0
     args = per_device_bytes((state, frozen, batch))
-    if oom is None:
+    if source == "compiled":
         mem = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         args, out, alias, temp = (int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                                   int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes))
         peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
         peak = max(peak, args + out - alias + temp + int(mem.generated_code_size_in_bytes))
-        flops = float(cost.get("flops", 0.0))
-    else:  # the TPU compiler refuses programs that do not fit; it says what they would need
+    elif source == "oom":  # the TPU compiler refuses programs that do not fit; it says what they need
         temp, hbm_bytes = oom
-        out, alias, peak, flops = args, args, args + temp, float("nan")
+        out = alias = per_device_bytes(state)
+        peak = args + temp
+    else:  # traced only: gradients and kept activations, not XLA's other temporaries
+        out = alias = per_device_bytes(state)
+        temp = per_device_bytes(state.params) + acts
+        peak = args + temp
+    flops = step_flops(config) / len(devices)
     peak_flops = next((v for k, v in trainer.PEAK_FLOPS.items() if device_kind.startswith(k)), None)
     return Plan(topology=topology, devices=len(devices), device_kind=device_kind,
                 mesh=tuple(int(v) for v in mesh.shape.values()), batch=batch_size,
@@ -273,7 +288,26 @@ def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "") 
                 optimizer_bytes=per_device_bytes(state.opt_state), activation_bytes=acts,
                 argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
                 peak_bytes=peak, hbm_bytes=int(hbm_bytes), flops=flops, peak_flops=peak_flops,
-                compile_s=compile_s, compiled=oom is None)
+                compile_s=compile_s, source=source)
+
+
+def step_flops(config) -> float:
+    """FLOPs of one train step (the whole batch, all devices together): XLA's HLO cost
+    analysis of the step traced with unrolled layers and without the accumulation loop, on
+    this host's default backend. (Cost analysis counts a loop body once, so the scanned
+    program, compiled or not, would miss all but one layer of every stack.)"""
+    import jax
+
+    from blip2_jax import sharding
+
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.scan_layers, c.grad_accum_steps, c.mesh_shape = False, 1, (1, 1, 1)
+    step, args, _ = abstract_step_inputs(c, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    cost = jax.jit(step).lower(*plain).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
 
 
 def _compile_oom(message: str) -> tuple[int, int] | None:
@@ -289,20 +323,23 @@ def _compile_oom(message: str) -> tuple[int, int] | None:
 def candidates(config, n_devices: int):
     """Settings to try when the configured one does not fit, least disruptive first: every
     device on fsdp (parameters and optimizer split), then full remat, then gradient
-    accumulation (smaller micro-batches, same global batch). Each is a full compile, so the
-    list is short."""
+    accumulation (smaller micro-batches, same global batch: the divisors of the per-device
+    batch, up to MAX_ACCUM). Each is a full compile, so the list is short."""
     remat = str(config.model.get("remat_policy", "none"))
     fsdp = (1, n_devices, 1)
     accum = int(config.get("grad_accum_steps", 1))
+    per_device = int(config.input.batch_size) // n_devices
     out = [(fsdp, remat, accum), (fsdp, "full", accum)]
-    out += [(fsdp, "full", a) for a in ACCUM_STEPS if a > accum]
+    out += [(fsdp, "full", a) for a in range(accum + 1, min(per_device, MAX_ACCUM) + 1) if per_device % a == 0]
     seen, configured = set(), (tuple(config.mesh_shape), remat, accum)
     return [c for c in out if c != configured and not (c in seen or seen.add(c))]
 
 
-def search(config, devices, device_kind, hbm_bytes, topology="", log=print) -> tuple[Plan, Plan | None]:
-    """(the configured plan, the first candidate that fits or None)."""
-    first = plan(config, devices, device_kind, hbm_bytes, topology)
+def search(config, devices, device_kind, hbm_bytes, topology="", log=print,
+           compile: bool = True) -> tuple[Plan, Plan | None]:
+    """(the configured plan, the first candidate that fits or None). Each candidate is traced
+    first (seconds); only those whose estimate fits are compiled (minutes) to confirm."""
+    first = plan(config, devices, device_kind, hbm_bytes, topology, compile)
     if first.fits:
         return first, None
     for mesh, remat, accum in candidates(config, len(devices)):
@@ -310,11 +347,14 @@ def search(config, devices, device_kind, hbm_bytes, topology="", log=print) -> t
         with c.unlocked():
             c.mesh_shape, c.model.remat_policy, c.grad_accum_steps = mesh, remat, accum
         try:
-            p = plan(c, devices, device_kind, hbm_bytes, topology)
+            p = plan(c, devices, device_kind, hbm_bytes, topology, compile=False)
+            if p.fits and compile:
+                p = plan(c, devices, device_kind, hbm_bytes, topology, compile=True)
         except ValueError as e:  # e.g. the batch does not split into the micro-batches
             log(f"  skip mesh={mesh} remat={remat} accum={accum}: {e}")
             continue
-        log(f"  tried mesh={mesh} remat={remat} accum={accum}: peak {p.peak_bytes / GIB:.2f} GiB")
+        log(f"  tried mesh={mesh} remat={remat} accum={accum}: peak {p.peak_bytes / GIB:.2f} GiB "
+            f"({SOURCES[p.source]})")
         if p.fits:
             return first, p
     return first, None
@@ -332,35 +372,39 @@ def describe(p: Plan) -> str:
              f"  parameters, trainable   {_gib(p.trainable_bytes)}",
              f"  parameters, frozen      {_gib(p.frozen_bytes)}",
              f"  optimizer state         {_gib(p.optimizer_bytes)}",
-             f"  activations (residuals) {_gib(p.activation_bytes)}  (part of XLA's temporaries)"]
-    if p.compiled:
+             f"  activations (residuals) {_gib(p.activation_bytes)}  (part of the temporaries)"]
+    if p.source == "compiled":
         lines += [f"  XLA arguments / outputs {_gib(p.argument_bytes)} / {_gib(p.output_bytes)}"
                   f" (donated: {_gib(p.alias_bytes)})",
                   f"  XLA temporaries         {_gib(p.temp_bytes)}"]
-    else:
+    elif p.source == "oom":
         lines += [f"  arguments               {_gib(p.argument_bytes)}",
                   f"  XLA temporaries         {_gib(p.temp_bytes)} needed (the compiler ran out of memory)"]
+    else:
+        lines += [f"  arguments               {_gib(p.argument_bytes)}",
+                  f"  temporaries (estimate)  {_gib(p.temp_bytes)} = gradients + kept activations "
+                  "(not compiled: XLA's other buffers not counted)"]
     lines.append(f"  peak                    {_gib(p.peak_bytes)} of {_gib(p.hbm_bytes)}: "
-                 + ("fits" if p.fits else "does NOT fit"))
-    if p.compiled:
-        lines.append(f"FLOPs per step: {p.flops:.3e} per device, {p.flops * p.devices:.3e} in all")
-        if p.peak_flops:
-            lines.append(f"  at 100% of peak ({p.peak_flops / 1e12:.0f} TFLOP/s per chip): "
-                         f"{p.flops / p.peak_flops * 1e3:.0f} ms per step")
+                 + ("fits" if p.fits else "does NOT fit") + (" (estimate)" if p.source == "estimate" else ""))
+    lines.append(f"FLOPs per step: {p.flops:.3e} per device, {p.flops * p.devices:.3e} in all")
+    if p.peak_flops:
+        lines.append(f"  at 100% of peak ({p.peak_flops / 1e12:.0f} TFLOP/s per chip): "
+                     f"{p.flops / p.peak_flops * 1e3:.0f} ms per step")
     return "\n".join(lines)
 
 
 TABLE_HEADER = ("| configuration | slice | batch | mesh (d,f,t) | remat | accum | params+opt / dev | "
-                "activations / dev | XLA peak / dev | HBM | fits | TFLOPs / step |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|")
+                "activations / dev | peak / dev | HBM | fits | TFLOPs / step | from |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+SOURCES = {"compiled": "XLA", "oom": "XLA (refused: out of memory)", "estimate": "estimate (traced)"}
 
 
 def table_row(name: str, p: Plan) -> str:
+    flops = f"{p.flops * p.devices / 1e12:.0f}"
     return (f"| {name} | {p.topology} | {p.batch} | {','.join(map(str, p.mesh))} | {p.remat} | {p.accum} | "
             f"{(p.trainable_bytes + p.frozen_bytes + p.optimizer_bytes) / GIB:.1f} GiB | "
             f"{p.activation_bytes / GIB:.1f} GiB | {p.peak_bytes / GIB:.1f} GiB | {p.hbm_bytes / GIB:.0f} GiB | "
-            f"{'yes' if p.fits else 'no'} | {p.flops * p.devices / 1e12:.0f} |" if p.compiled else
-            f"{'yes' if p.fits else 'no'} | - |")
+            f"{'yes' if p.fits else 'no'} | {flops} | {SOURCES[p.source]} |")
 
 
 def _load_config(path: str, arg: str):
@@ -371,14 +415,14 @@ def _load_config(path: str, arg: str):
     return mod.get_config(arg)
 
 
-def paper_table(topologies=PAPER_TOPOLOGIES, configs=PAPER_CONFIGS, log=print) -> str:
+def paper_table(topologies=PAPER_TOPOLOGIES, configs=PAPER_CONFIGS, log=print, compile: bool = True) -> str:
     """Markdown rows: each paper configuration as configured and, where that does not fit,
     the first setting found that does."""
     rows = [TABLE_HEADER]
     for topo in topologies:
         devices, kind, hbm = topology_devices(topo)
         for name, path, arg in configs:
-            first, fix = search(_load_config(path, arg), devices, kind, hbm, topo, log=log)
+            first, fix = search(_load_config(path, arg), devices, kind, hbm, topo, log=log, compile=compile)
             rows.append(table_row(name, first))
             if fix is not None:
                 rows.append(table_row(name + " (suggested)", fix))
@@ -390,7 +434,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _TABLE.value:
-        print(paper_table())
+        print(paper_table(compile=_COMPILE.value))
         return
     if _CONFIG.value is None or not _TOPOLOGY.value:
         print("error: --config and --topology are required (or --table)", file=sys.stderr)
@@ -407,9 +451,9 @@ def main(argv) -> None:
         sys.exit(2)
     config = _CONFIG.value
     if _SUGGEST.value:
-        first, fix = search(config, devices, kind, hbm, _TOPOLOGY.value)
+        first, fix = search(config, devices, kind, hbm, _TOPOLOGY.value, compile=_COMPILE.value)
     else:
-        first, fix = plan(config, devices, kind, hbm, _TOPOLOGY.value), None
+        first, fix = plan(config, devices, kind, hbm, _TOPOLOGY.value, _COMPILE.value), None
     print(describe(first))
     if not first.fits:
         if fix is None:
