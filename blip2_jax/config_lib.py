@@ -68,4 +68,6 @@ def base(task: str, preset: str | None) -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0
     c.distributed.num_processes = config_dict.placeholder(int)
     c.distributed.process_id = config_dict.placeholder(int)
+    # start-up and first-step barriers (compilation can take minutes on a busy host)
+    c.distributed.initialization_timeout_s = 600
     return c

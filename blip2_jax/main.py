@@ -98,7 +98,8 @@ def _train(config, workdir: str, mesh) -> dict:
             batch = pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
             rng = jax.random.fold_in(rng0, step)
             if flops is None:
-                flops = _step_flops(step_fn, state, frozen, batch, rng)
+                flops = _step_flops(step_fn, state, frozen, batch, rng)  # compiles the step
+                wait_for_all_processes("blip2_compiled", int(config.distributed.initialization_timeout_s))
             state, metrics = step_fn(state, frozen, batch, rng)
             steps_since += 1
             loss = float(metrics["loss"])
@@ -254,11 +255,31 @@ def maybe_initialize_distributed(config) -> None:
     """Multi-host start-up: on TPU pods (or when a coordinator address is configured)."""
     import jax
     dist = config.get("distributed", None)
+    timeout = int(dist.initialization_timeout_s) if dist else 600
     if dist and dist.get("coordinator_address"):
         if not jax.distributed.is_initialized():
-            jax.distributed.initialize(dist.coordinator_address, int(dist.num_processes), int(dist.process_id))
+            jax.distributed.initialize(dist.coordinator_address, int(dist.num_processes), int(dist.process_id),
+                                       initialization_timeout=timeout)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        jax.distributed.initialize(initialization_timeout=timeout)
+    if jax.process_count() > 1:
+        # Orbax's barriers through the coordination service (with timeouts) rather than
+        # collectives: a CPU (gloo) collective fails when peers arrive over 30 s apart.
+        import orbax.checkpoint  # noqa: F401  (defines the flag)
+        try:
+            flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+        except (AttributeError, flags.Error):
+            logging.warning("orbax has no distributed-barrier flag; its barriers use collectives")
+
+
+def wait_for_all_processes(name: str, timeout_s: int) -> None:
+    """A coordination-service barrier (no collectives): lines the processes up before the first
+    step, so slow compilation on one host does not time out the others' first collective."""
+    import jax
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 # bf16 dense matmul peak per chip, for MFU (override with config.peak_flops).

@@ -120,13 +120,6 @@ def _reference(name: str, data_dir, steps: int):
     return losses
 
 
-# The 2-process jobs have timed out in the coordination service (orbax's barrier, gloo's key-value
-# set-up, 30 s) on a heavily loaded 2-core machine; they run where BLIP2_SIGTERM_MULTIHOST=1 until
-# their timeouts are reworked (see the project's notes).
-_SIGTERM_JOB = pytest.mark.skipif(os.environ.get("BLIP2_SIGTERM_MULTIHOST") != "1",
-                                  reason="set BLIP2_SIGTERM_MULTIHOST=1 to run the 2-process jobs")
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tfds")
@@ -168,7 +161,6 @@ def _assert_losses_equal(got, want, steps):
                                rtol=1e-5)
 
 
-@_SIGTERM_JOB
 def test_stage1_stopped_by_sigterm_and_resumed_equals_one_process(stage1_job, data_dir):
     workdir, stopped_at = stage1_job
     steps = stopped_at + 2
@@ -179,13 +171,11 @@ def test_stage1_stopped_by_sigterm_and_resumed_equals_one_process(stage1_job, da
     assert len(data["per_process"]) == NPROC
 
 
-@_SIGTERM_JOB
 def test_stage2_two_processes_equal_one(tmp_path, data_dir):
     _run("stage2_opt.py", tmp_path, data_dir, STEPS, "--config.ckpt_every=100")
     _assert_losses_equal(_losses(tmp_path), _reference("stage2_opt", data_dir, STEPS), STEPS)
 
 
-@_SIGTERM_JOB
 def test_checkpoint_restores_in_one_process_on_another_mesh(stage1_job):
     workdir, stopped_at = stage1_job
     config = _config("stage1")
