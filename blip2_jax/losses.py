@@ -27,13 +27,13 @@ HARD_NEGATIVE_FLOOR = 1e-4  # LAVIS adds this to the softmax weights so every ne
 def _token_cross_entropy(logits: Array, targets: Array, label_smoothing: float = 0.0) -> Array:
     """Per-position smoothed cross-entropy in float32.
 
-    logits [..., V]; targets [...] int (out-of-range values give a meaningless but finite number:
-    the caller masks them). Written as logsumexp minus a one-hot contraction so that a
-    vocab-sharded logits array is reduced in place instead of gathered."""
+    logits [..., V]; targets [...] int (out-of-range values, e.g. IGNORE_INDEX, are clipped to a
+    real class and give a meaningless but finite number: the caller masks them). The target
+    logit is a gather (one element per position), not a [..., V] one-hot product."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32),
-                           axis=-1)
+    index = jnp.clip(targets, 0, logits.shape[-1] - 1).astype(jnp.int32)
+    target_logit = jnp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
     nll = lse - target_logit
     if not label_smoothing:
         return nll
@@ -172,15 +172,50 @@ def itg_loss(logits: Array, input_ids: Array, attention_mask: Array,
 # ----------------------------------------------------------------------------------------------
 # Stage 2: language modelling through the frozen LLM
 # ----------------------------------------------------------------------------------------------
+def token_loss(logits: Array, targets: Array, label_smoothing: float = 0.0) -> tuple[Array, Array]:
+    """Mean cross-entropy over the labelled positions, already aligned (logits[:, i] predicts
+    targets[:, i]). logits [B, K, V]; targets [B, K] with IGNORE_INDEX where there is no loss.
+    Returns (mean loss over counted tokens, number of counted tokens), float32."""
+    per_token = _token_cross_entropy(logits, targets, label_smoothing)
+    return _masked_mean(per_token, targets != IGNORE_INDEX)
+
+
+def next_token_alignment(hidden: Array, labels: Array) -> tuple[Array, Array]:
+    """Decoder-only LM: which outputs predict which labels, without the unlabelled prefix.
+
+    hidden [B, P + T, ...]: the LLM outputs over [soft prompt (P positions, never labelled);
+    text]; labels [B, T] on the text. Output P + j - 1 predicts text token j, so the result is
+    (hidden[:, P-1 : P+T-1] [B, T, ...], labels [B, T]) — every label that can count, and
+    no position that cannot. With P = 0 the first text token has no predictor and is dropped."""
+    p = hidden.shape[1] - labels.shape[1]
+    if p < 0:
+        raise ValueError(f"{hidden.shape[1]} outputs for {labels.shape[1]} labels")
+    if p == 0:
+        return hidden[:, :-1], labels[:, 1:]
+    return hidden[:, p - 1:-1], labels
+
+
+def labelled_positions(targets: Array, num_positions: int) -> tuple[Array, Array]:
+    """The first `num_positions` labelled positions of every row, in order (static shapes).
+
+    targets [B, T] (IGNORE_INDEX = no loss). Returns positions [B, K] int32 into T and the
+    targets there [B, K]; a row with fewer than K labels is filled with unlabelled positions
+    (IGNORE_INDEX targets, so they do not count). Labels after a row's K-th are NOT covered:
+    K must be at least the most labels a row can have for the loss to be unchanged; the number
+    left out is `count(targets) - count(result)`."""
+    unlabelled = targets == IGNORE_INDEX
+    positions = jnp.argsort(unlabelled, axis=1, stable=True)[:, :num_positions].astype(jnp.int32)
+    return positions, jnp.take_along_axis(targets, positions, axis=1)
+
+
 def lm_loss(logits: Array, labels: Array, label_smoothing: float = 0.0) -> tuple[Array, Array]:
     """Decoder-only LM loss (OPT), transformers' convention: labels are aligned with the inputs
     and shifted here, so labels[:, t] is predicted by logits[:, t - 1].
 
     logits [B, T, V]; labels [B, T] with IGNORE_INDEX (-100) over the query positions, the prompt
-    and padding. Returns (mean loss over counted tokens, number of counted tokens), float32."""
-    targets = labels[:, 1:]
-    per_token = _token_cross_entropy(logits[:, :-1], targets, label_smoothing)
-    return _masked_mean(per_token, targets != IGNORE_INDEX)
+    and padding. Returns (mean loss over counted tokens, number of counted tokens), float32.
+    (Training computes logits only where labels are: `next_token_alignment` + `token_loss`.)"""
+    return token_loss(logits[:, :-1], labels[:, 1:], label_smoothing)
 
 
 def seq2seq_loss(logits: Array, labels: Array, label_smoothing: float = 0.0) -> tuple[Array, Array]:
@@ -188,5 +223,4 @@ def seq2seq_loss(logits: Array, labels: Array, label_smoothing: float = 0.0) -> 
     logits[:, t] predicts labels[:, t] (no shift here).
 
     logits [B, T, V]; labels [B, T] with IGNORE_INDEX for padding. Returns (mean loss, count)."""
-    per_token = _token_cross_entropy(logits, labels, label_smoothing)
-    return _masked_mean(per_token, labels != IGNORE_INDEX)
+    return token_loss(logits, labels, label_smoothing)

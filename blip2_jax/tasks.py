@@ -81,6 +81,9 @@ class LanguageModeling:
         lc = config.get("losses", {})
         self.question_to_qformer = bool(lc.get("question_to_qformer", False))
         self.label_smoothing = float(lc.get("lm_label_smoothing", 0.0))
+        # 0: the LM head runs at every text position; K > 0: at the first K labelled positions
+        # of each row only (K must cover the longest target, see `losses.labelled_positions`)
+        self.loss_tokens = int(lc.get("lm_loss_tokens", 0))
         self.encoder_decoder = model.config.is_encoder_decoder
         keys = ["image", "llm_input_ids", "llm_attention_mask", "llm_labels"]
         if self.encoder_decoder:
@@ -104,19 +107,27 @@ class LanguageModeling:
         v = {"params": params}
         r_q, r_lm = jax.random.split(rng)
         prompt = self.soft_prompt(v, batch, r_q)
-        if self.encoder_decoder:
-            logits = self.model.apply(v, prompt, batch["llm_input_ids"], batch["llm_attention_mask"],
-                                      batch["llm_decoder_input_ids"], batch.get("llm_decoder_attention_mask"),
-                                      False, method="lm_logits", rngs={"dropout": r_lm})
-            loss, n = losses.seq2seq_loss(logits, batch["llm_labels"], label_smoothing=self.label_smoothing)
-        else:
-            logits = self.model.apply(v, prompt, batch["llm_input_ids"], batch["llm_attention_mask"],
-                                      method="lm_logits", rngs={"dropout": r_lm})
-            q = prompt.shape[1]
-            labels = jnp.concatenate(  # no loss on the soft-prompt positions
-                [jnp.full((prompt.shape[0], q), losses.IGNORE_INDEX, batch["llm_labels"].dtype), batch["llm_labels"]], 1)
-            loss, n = losses.lm_loss(logits, labels, label_smoothing=self.label_smoothing)
-        return loss, {"lm_loss": loss, "lm_tokens": n.astype(jnp.float32)}
+        apply = lambda *a, **k: self.model.apply(v, *a, rngs={"dropout": r_lm}, **k)  # noqa: E731
+        if self.encoder_decoder:  # decoder outputs are already aligned with the labels
+            hidden = apply(prompt, batch["llm_input_ids"], batch["llm_attention_mask"],
+                           batch["llm_decoder_input_ids"], batch.get("llm_decoder_attention_mask"), False,
+                           method="lm_hidden")
+            targets = batch["llm_labels"]
+        else:  # the soft prompt is never labelled: only the text's predictors are kept
+            hidden = apply(prompt, batch["llm_input_ids"], batch["llm_attention_mask"], method="lm_hidden")
+            hidden, targets = losses.next_token_alignment(hidden, batch["llm_labels"])
+        metrics = {}
+        if self.loss_tokens:
+            all_targets = targets
+            if self.loss_tokens < targets.shape[1]:
+                positions, targets = losses.labelled_positions(all_targets, self.loss_tokens)
+                hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+            left_out = jnp.sum(all_targets != losses.IGNORE_INDEX) - jnp.sum(targets != losses.IGNORE_INDEX)
+            metrics["lm_tokens_left_out"] = left_out.astype(jnp.float32)
+        # the vocabulary-wide LM head only where a label is (or may be)
+        logits = self.model.apply(v, hidden, method="lm_head")
+        loss, n = losses.token_loss(logits, targets, label_smoothing=self.label_smoothing)
+        return loss, dict(metrics, lm_loss=loss, lm_tokens=n.astype(jnp.float32))
 
 
 TASKS = {"stage1": Stage1, "lm": LanguageModeling}

@@ -1,12 +1,12 @@
 """Training speed: our stage-2 step against transformers' PyTorch, our MFU, stage-1 images/s.
 
     python tools/bench_train.py --torch-python /path/to/python-with-torch [--configs tiny,small]
-        [--batch 8] [--text-len 32] [--repeats 5] [--stage1-batch 16]
+        [--dtypes float32,bfloat16] [--batch 8] [--text-len 32] [--repeats 5] [--stage1-batch 16]
 
 Stage 2 (paper §3.3): one optimizer step = forward + backward + AdamW through the frozen ViT
 and frozen OPT, gradients for the Q-Former, query tokens, ln_vision and the projection only.
 Ours is the trainer's jitted `make_train_step` (task "lm"); the reference is transformers'
-`Blip2ForConditionalGeneration` (float32, eager attention, dropout 0) with `loss.backward()` and
+`Blip2ForConditionalGeneration` (eager attention, dropout 0) with `loss.backward()` and
 `torch.optim.AdamW` over the same trainable parameters, run in a separate interpreter
 (`--torch-python`, needs torch + transformers) that stays up and times one step per request,
 alternating with ours so that both see the same machine load. Same sizes, same batch: images
@@ -14,9 +14,22 @@ alternating with ours so that both see the same machine load. Same sizes, same b
 holds the `num_query_tokens` image placeholders it replaces), labels on the text. Timings: best
 of `--repeats` after a warm-up step (our compilation, their first call).
 
-MFU = FLOPs of our compiled step (XLA's cost analysis) / step time / the machine's measured
-matmul peak (the best float32 [N, N] @ [N, N] rate of jax on this machine, N in 1024..4096).
-Stage 1 (ITC + ITM + ITG, paper §3.2) is ours only: images/s of its train step.
+Precisions (`--dtypes`): "float32" is everything in float32 on both sides. "bfloat16" is the
+paper's setting (frozen ViT and LLM in half precision): ours with the frozen towers' weights and
+compute in bfloat16 (norms float32), the Q-Former side float32; theirs as transformers loads
+BLIP-2 with `dtype=torch.bfloat16` (everything bfloat16 but its `_keep_in_fp32_modules`, the
+Q-Former and the query tokens).
+
+FLOPs: XLA's cost analysis of our step compiled with UNROLLED layers (`scan_layers=False`; the
+scanned step's while-loop body would be counted once, not once per layer) — the same step the
+timings run, so only work it does is counted: the LM head at the labelled text positions (not
+at the soft prompt), no weight gradients for the frozen towers.
+MFU = those FLOPs / our step time / the machine's matmul peak for the step's precision, measured
+in this run: the best rate of a large [N, N] @ [N, N] matmul in jax and in torch (N 1024, 2048),
+float32 for the float32 rows, bfloat16 for the bfloat16 rows (measured again at the end; the
+best seen counts).
+Stage 1 (ITC + ITM + ITG, paper §3.2) is ours only: images/s of its train step (float32 rows: all
+float32; bfloat16 rows: frozen ViT in bfloat16).
 """
 from __future__ import annotations
 
@@ -69,24 +82,30 @@ for name, c in spec["configs"].items():
                               num_attention_heads=oheads, word_embed_proj_dim=oh, max_position_embeddings=512,
                               dropout=0.0, attention_dropout=0.0),
         num_query_tokens=queries, image_token_index=spec["image_token"])
-    torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(cfg).train()
-    model.vision_model.requires_grad_(False)
-    model.vision_model.post_layernorm.requires_grad_(True)   # ln_vision is trained, as in ours
-    model.language_model.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
-    b, t = spec["batch"], spec["text_len"]
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(b, 3, im, im, generator=g)
-    text = torch.randint(3, 50000, (b, t), generator=g)
-    ids = torch.cat([torch.full((b, queries), spec["image_token"]), text], 1)
-    labels = torch.cat([torch.full((b, queries), -100), text], 1)
-    models[name] = (model, opt, dict(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     labels=labels), sum(p.numel() for p in params))
+    for dtype in spec["dtypes"]:
+        torch.manual_seed(0)
+        model = Blip2ForConditionalGeneration(cfg).train()
+        if dtype == "bfloat16":  # as from_pretrained(dtype=torch.bfloat16): all but _keep_in_fp32_modules
+            for child_name, child in model.named_children():
+                if child_name not in model._keep_in_fp32_modules:
+                    child.to(torch.bfloat16)
+        model.vision_model.requires_grad_(False)
+        model.vision_model.post_layernorm.requires_grad_(True)   # ln_vision is trained, as in ours
+        model.language_model.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
+        b, t = spec["batch"], spec["text_len"]
+        g = torch.Generator().manual_seed(0)
+        pixels = torch.randn(b, 3, im, im, generator=g)
+        text = torch.randint(3, 50000, (b, t), generator=g)
+        ids = torch.cat([torch.full((b, queries), spec["image_token"]), text], 1)
+        labels = torch.cat([torch.full((b, queries), -100), text], 1)
+        models[f"{name}/{dtype}"] = (model, opt, dict(pixel_values=pixels, input_ids=ids,
+                                                      attention_mask=torch.ones_like(ids), labels=labels),
+                                     sum(p.numel() for p in params))
 
-def step(name):
-    model, opt, batch, _ = models[name]
+def step(key):
+    model, opt, batch, _ = models[key]
     t0 = time.perf_counter()
     loss = model(**batch).loss
     loss.backward()
@@ -94,12 +113,31 @@ def step(name):
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0, loss.item()
 
+def peak():
+    """Best [N, N] @ [N, N] rate (FLOP/s) per dtype."""
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        best = 0.0
+        for n in (1024, 2048):
+            a = torch.randn(n, n).to(getattr(torch, dtype))
+            a @ a
+            for _ in range(3):
+                t0 = time.perf_counter()
+                a @ a
+                best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+        out[dtype] = best
+    return out
+
 print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                   "trainable": {n: m[3] for n, m in models.items()}}), flush=True)
 for line in sys.stdin:
-    if line.strip() == "quit":
+    line = line.strip()
+    if line == "quit":
         break
-    seconds, loss = step(line.strip())
+    if line == "peak":
+        print(json.dumps(peak()), flush=True)
+        continue
+    seconds, loss = step(line)
     print(json.dumps({"seconds": seconds, "loss": loss}), flush=True)
 '''
 
@@ -128,14 +166,21 @@ class TorchSide:
         self.proc.stdin.flush()
         return self._read()["seconds"]
 
+    def peak(self) -> dict:
+        """{"float32": FLOP/s, "bfloat16": FLOP/s} of torch's matmul."""
+        self.proc.stdin.write("peak\n")
+        self.proc.stdin.flush()
+        return self._read()
+
     def close(self):
         self.proc.stdin.write("quit\n")
         self.proc.stdin.close()
         self.proc.wait()
 
 
-def train_config(c: dict, task: str, batch: int, text_len: int):
-    """A trainer config (configs_tiny's float32 tiny model, resized to `c`)."""
+def train_config(c: dict, task: str, batch: int, text_len: int, dtype: str = "float32",
+                 scan_layers: bool = True):
+    """A trainer config (configs_tiny's tiny model, resized to `c`; frozen towers in `dtype`)."""
     from blip2_jax import config_lib, configs_tiny
     im, patch, vh, vl, vheads, vmlp = c["vision"]
     qh, ql, qheads, qffn, queries, every = c["qformer"]
@@ -152,34 +197,45 @@ def train_config(c: dict, task: str, batch: int, text_len: int):
         cfg.model.text = dict(cfg.model.text, vocab_size=vocab, hidden_size=oh, num_hidden_layers=ol,
                               num_attention_heads=oheads, ffn_dim=offn, word_embed_proj_dim=oh,
                               max_position_embeddings=512)
+    cfg.model.vision_dtype = cfg.model.text_dtype = cfg.model.frozen_param_dtype = dtype
+    cfg.model.scan_layers = scan_layers
+    cfg.model.remat_policy = "none"  # nothing recomputed: the fastest step that fits
     cfg.input.max_text_len = text_len
     return cfg
 
 
 class OurStep:
-    """The trainer's compiled step on a fixed random batch; `run()` times one step."""
+    """The trainer's compiled step on a fixed random batch; `run()` times one step.
 
-    def __init__(self, c: dict, task: str, batch: int, text_len: int):
+    `flops`: XLA's cost analysis of the same step compiled with unrolled layers (see the module
+    docstring); `flops_scanned`: of the timed (scanned) step, for comparison."""
+
+    def __init__(self, c: dict, task: str, batch: int, text_len: int, dtype: str = "float32"):
+        import jax
+
+        self.state, self.frozen, self.batch, self.step, self.compile_seconds, self.flops_scanned = \
+            self._compile(c, task, batch, text_len, dtype, True)
+        self.trainable = sum(x.size for x in jax.tree.leaves(self.state.params))
+        self.flops = self._compile(c, task, batch, text_len, dtype, False)[-1]
+        self.i = 0
+
+    def _compile(self, c, task, batch, text_len, dtype, scan_layers):
         import flax.linen as nn
         import jax
 
         from blip2_jax import main, sharding
-        cfg = train_config(c, task, batch, text_len)
-        self.mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-        self.ctx = lambda: (jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES))
-        a, b = self.ctx()
-        with a, b:
-            model, _, task_obj, self.state, self.frozen, schedule = main.create_state(cfg, self.mesh)
-            self.trainable = sum(x.size for x in jax.tree.leaves(self.state.params))
-            self.batch = _batch(cfg, task_obj.batch_keys, model.config.num_query_tokens, batch, text_len)
+        cfg = train_config(c, task, batch, text_len, dtype, scan_layers)
+        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+            model, _, task_obj, state, frozen, schedule = main.create_state(cfg, mesh)
+            inputs = _batch(cfg, task_obj.batch_keys, model.config.num_query_tokens, batch, text_len)
             fn = jax.jit(main.make_train_step(task_obj, schedule), donate_argnums=(0,))
             t = time.perf_counter()
-            self.step = fn.lower(self.state, self.frozen, self.batch, jax.random.key(0)).compile()
-            self.compile_seconds = time.perf_counter() - t
-            cost = self.step.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            self.flops = float(cost.get("flops", 0.0))
-        self.i = 0
+            step = fn.lower(state, frozen, inputs, jax.random.key(0)).compile()
+            seconds = time.perf_counter() - t
+        cost = step.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return state, frozen, inputs, step, seconds, float(cost.get("flops", 0.0))
 
     def run(self) -> float:
         import jax
@@ -201,28 +257,41 @@ def _batch(cfg, keys, queries: int, b: int, t: int) -> dict:
     return {k: out[k] for k in keys}
 
 
-def matmul_peak() -> tuple[float, int]:
-    """The best float32 matmul rate of jax on this machine (FLOP/s) and the size reaching it."""
+def matmul_peak() -> dict:
+    """The best [N, N] @ [N, N] rate of jax on this machine (FLOP/s), per dtype."""
     import jax
     import jax.numpy as jnp
-    best = (0.0, 0)
-    for n in (1024, 2048, 4096):
-        a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-        f = jax.jit(lambda x, y: x @ y)
-        f(a, a).block_until_ready()
-        times = []
-        for _ in range(3 if n < 4096 else 2):
-            t = time.perf_counter()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        best = 0.0
+        for n in (1024, 2048):
+            a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+            f = jax.jit(lambda x, y: x @ y)
             f(a, a).block_until_ready()
-            times.append(time.perf_counter() - t)
-        best = max(best, (2 * n ** 3 / min(times), n))
-    return best
+            for _ in range(3):
+                t = time.perf_counter()
+                f(a, a).block_until_ready()
+                best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+        out[dtype] = best
+    return out
+
+
+def measure_peaks(torch_side, peaks: dict | None = None) -> dict:
+    """{dtype: (best FLOP/s, "jax" | "torch")}, keeping the best of `peaks` (an earlier round)."""
+    rounds = [("jax", matmul_peak())] + ([("torch", torch_side.peak())] if torch_side else [])
+    peaks = dict(peaks or {})
+    for lib, rates in rounds:
+        for dtype, rate in rates.items():
+            if rate > peaks.get(dtype, (0.0, ""))[0]:
+                peaks[dtype] = (rate, lib)
+    return peaks
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--torch-python", help="a Python interpreter with torch + transformers (omit: ours only)")
     p.add_argument("--configs", default="tiny,small")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="frozen towers' precision (see above)")
     p.add_argument("--batch", type=int, default=8, help="stage-2 images per step")
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--stage1-batch", type=int, default=16)
@@ -232,50 +301,54 @@ def main():
     import jax
 
     names = [n for n in args.configs.split(",") if n]
-    spec = {"configs": {n: CONFIGS[n] for n in names}, "batch": args.batch, "text_len": args.text_len,
-            "image_token": IMAGE_TOKEN}
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    spec = {"configs": {n: CONFIGS[n] for n in names}, "dtypes": dtypes, "batch": args.batch,
+            "text_len": args.text_len, "image_token": IMAGE_TOKEN}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    peak, n = matmul_peak()
-    print(f"measured matmul peak: {peak / 1e9:.0f} GFLOP/s (float32 {n}x{n} @ {n}x{n}, jax)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         torch_side = TorchSide(args.torch_python, spec, tmp) if args.torch_python else None
         if torch_side:
             print(f"reference: torch {torch_side.info['torch']} ({torch_side.info['threads']} threads), "
-                  "transformers Blip2ForConditionalGeneration, float32", flush=True)
+                  "transformers Blip2ForConditionalGeneration", flush=True)
+        peaks = measure_peaks(torch_side)
         rows = []
         for name in names:
-            ours = OurStep(CONFIGS[name], "lm", args.batch, args.text_len)
-            ours.run()  # donation warm-up
-            theirs_t = []
-            if torch_side:
-                torch_side.step(name)  # warm-up
-            ours_t = []
-            for _ in range(args.repeats):  # alternate: both sides see the same load
-                ours_t.append(ours.run())
+            for dtype in dtypes:
+                key = f"{name}/{dtype}"
+                ours = OurStep(CONFIGS[name], "lm", args.batch, args.text_len, dtype)
+                ours.run()  # donation warm-up
+                theirs_t = []
                 if torch_side:
-                    theirs_t.append(torch_side.step(name))
-            s1 = OurStep(CONFIGS[name], "stage1", args.stage1_batch, args.text_len)
-            s1.run()
-            s1_t = min(s1.run() for _ in range(args.repeats))
-            rows.append((name, ours, min(ours_t), min(theirs_t) if theirs_t else None, s1_t))
+                    torch_side.step(key)  # warm-up
+                ours_t = []
+                for _ in range(args.repeats):  # alternate: both sides see the same load
+                    ours_t.append(ours.run())
+                    if torch_side:
+                        theirs_t.append(torch_side.step(key))
+                s1 = OurStep(CONFIGS[name], "stage1", args.stage1_batch, args.text_len, dtype)
+                s1.run()
+                s1_t = min(s1.run() for _ in range(args.repeats))
+                rows.append((name, dtype, ours, min(ours_t), min(theirs_t) if theirs_t else None, s1_t))
+                del ours, s1
+        peaks = measure_peaks(torch_side, peaks)  # load changes on a shared machine: the best seen counts
         if torch_side:
             torch_side.close()
-    peak2, n2 = matmul_peak()  # load changes on a shared machine: the best rate seen is the peak
-    if peak2 > peak:
-        peak, n = peak2, n2
-        print(f"measured matmul peak (again, after the runs): {peak / 1e9:.0f} GFLOP/s", flush=True)
+    for dtype in dtypes:
+        rate, lib = peaks[dtype]
+        print(f"measured matmul peak, {dtype}: {rate / 1e9:.0f} GFLOP/s ({lib}, [N, N] @ [N, N], N in 1024, 2048)")
     print(f"\nstage 2 (batch {args.batch}, {args.text_len} text tokens), stage 1 (batch {args.stage1_batch}); "
-          f"best of {args.repeats}\n")
-    print("| config | ours step (ms) | transformers step (ms) | ours / theirs | ours TFLOP/s | ours MFU "
-          "| stage-2 images/s | stage-1 images/s | our compile (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, ours, t_ours, t_theirs, s1_t in rows:
+          f"best of {args.repeats}; FLOPs of the step with unrolled layers (scanned step's count in brackets)\n")
+    print("| config | precision | ours step (ms) | transformers step (ms) | ours / theirs | step GFLOP | ours TFLOP/s "
+          "| ours MFU | stage-2 images/s | stage-1 images/s | our compile (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, dtype, ours, t_ours, t_theirs, s1_t in rows:
         ratio = f"{t_ours / t_theirs:.2f}x" if t_theirs else "-"
         theirs = f"{1e3 * t_theirs:.1f}" if t_theirs else "-"
-        print(f"| {name} | {1e3 * t_ours:.1f} | {theirs} | {ratio} | {ours.flops / t_ours / 1e12:.3f} | "
-              f"{100 * ours.flops / t_ours / peak:.0f}% | {args.batch / t_ours:.1f} | {args.stage1_batch / s1_t:.1f} | "
-              f"{ours.compile_seconds:.1f} |")
+        print(f"| {name} | {dtype} | {1e3 * t_ours:.1f} | {theirs} | {ratio} | {ours.flops / 1e9:.1f} "
+              f"({ours.flops_scanned / 1e9:.1f}) | {ours.flops / t_ours / 1e12:.3f} | "
+              f"{100 * ours.flops / t_ours / peaks[dtype][0]:.0f}% | {args.batch / t_ours:.1f} | "
+              f"{args.stage1_batch / s1_t:.1f} | {ours.compile_seconds:.1f} |")
 
 
 if __name__ == "__main__":

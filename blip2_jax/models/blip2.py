@@ -111,15 +111,27 @@ class Blip2(nn.Module):
                   decoder_attention_mask=None, deterministic: bool = True):
         """LLM logits given already projected soft prompts [B,Q,D] (so the image side can be
         computed once and reused, e.g. for scoring many candidate texts)."""
+        return self.lm_head(self.lm_hidden(prompt, input_ids, attention_mask, decoder_input_ids,
+                                           decoder_attention_mask, deterministic))
+
+    def lm_hidden(self, prompt, input_ids, attention_mask, decoder_input_ids=None,
+                  decoder_attention_mask=None, deterministic: bool = True):
+        """The LLM's final hidden states (before the LM head): OPT [B, Q+T, D] over
+        [soft prompt; text]; T5 [B, Td, D] over the decoder inputs. Training applies `lm_head`
+        only where labels are, instead of over the whole vocabulary at every position."""
         embeds, mask = self.prepend_prompt(prompt, input_ids, attention_mask)
         lm = self.language_model
         if self.config.is_encoder_decoder:
             enc = lm.encode(embeds, mask, deterministic=deterministic)
-            logits, _ = lm.decode(decoder_input_ids, enc, mask, decoder_attention_mask=decoder_attention_mask,
-                                  deterministic=deterministic)
-            return logits
-        logits, _ = lm(embeds, mask, opt_position_ids(mask), deterministic=deterministic)
-        return logits
+            hidden, _ = lm.decode(decoder_input_ids, enc, mask, decoder_attention_mask=decoder_attention_mask,
+                                  deterministic=deterministic, return_hidden=True)
+            return hidden
+        hidden, _ = lm.hidden_states(embeds, mask, opt_position_ids(mask), deterministic=deterministic)
+        return hidden
+
+    def lm_head(self, hidden):
+        """LLM hidden states [..., D] -> float32 logits [..., V]."""
+        return self.language_model.logits(hidden)
 
     def prepend_prompt(self, prompt, input_ids, attention_mask):
         """[soft prompt; token embeddings] and the matching mask (prompt positions always 1)."""
