@@ -6,7 +6,9 @@ A task is chosen by name (`config.task`):
             image are all positives.
   "lm"      the LLM loss on the soft visual prompt (§3.3): stage 2 (OPT LM loss / T5 prefix LM),
             captioning and VQA fine-tuning. With `config.losses.question_to_qformer` the question
-            also enters the Q-Former (paper Fig. 7, VQA fine-tuning).
+            also enters the Q-Former (paper Fig. 7, VQA fine-tuning). The LLM's vocabulary-wide
+            head runs only where labels can be (the text, not the soft prompt; with
+            `config.losses.lm_loss_tokens = K`, each row's first K labelled positions).
 Each task's `loss(params, batch, rng) -> (scalar, metrics)` takes the merged parameter tree.
 """
 from __future__ import annotations
