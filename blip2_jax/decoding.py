@@ -52,7 +52,9 @@ def repeat_for_beams(x: Array, num_beams: int, axis: int = 0) -> Array:
 
 def reorder_cache(cache, rows: Array, cache_batch_axis=1):
     """Gathers cache rows (beam reordering): rows int32 [B'] indexes the flat batch axis."""
-    return _map_cache(lambda x, ax: jnp.take(x, rows, axis=ax), cache, cache_batch_axis)
+    # rows are in range by construction: clamp (free) rather than fill (a select over the cache)
+    return _map_cache(lambda x, ax: jnp.take(x, rows, axis=ax, mode="clip"), cache,
+                      cache_batch_axis)
 
 
 def _check_common(first_logits, max_new_tokens, min_new_tokens, repetition_penalty, presence):

@@ -113,9 +113,9 @@ def test_cached_decoding_matches_full_forward(golden):
         pieces.append(np.asarray(logits))
     real = mask.astype(bool)  # left-pad rows see no key at all; their outputs are never used
     np.testing.assert_allclose(np.concatenate(pieces, axis=1)[real], full[real], rtol=0, atol=1e-5)
-    assert cache["k"].shape == (cfg.num_hidden_layers, b, t + extra, cfg.num_attention_heads,
+    assert cache["k"].shape == (cfg.num_hidden_layers, b, cfg.num_attention_heads, t + extra,
                                 cfg.hidden_size // cfg.num_attention_heads)
-    assert not np.any(np.asarray(cache["k"])[:, :, t:])  # nothing written past the last token
+    assert not np.any(np.asarray(cache["k"])[:, :, :, t:])  # nothing written past the last token
 
 
 def test_scan_and_loop_agree(golden):

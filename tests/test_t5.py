@@ -139,7 +139,7 @@ def test_cached_decoding_matches_full_forward(scan_layers):
     assert sorted(cache) == ["k", "v"]
     logits, cache = decode(v, DEC[:, :2], enc, MASK, cache=cache, cache_index=jnp.int32(0))
     assert sorted(cache) == ["cross_k", "cross_v", "k", "v"]
-    assert cache["cross_k"].shape == (FLAN.num_decoder_layers, 2, IDS.shape[1], FLAN.num_heads, FLAN.d_kv)
+    assert cache["cross_k"].shape == (FLAN.num_decoder_layers, 2, FLAN.num_heads, IDS.shape[1], FLAN.d_kv)
     pieces = [logits]
     for i in range(2, DEC.shape[1]):
         logits, cache = decode(v, DEC[:, i:i + 1], None, MASK, cache=cache, cache_index=jnp.int32(i))

@@ -1,7 +1,7 @@
 """Generation speed: blip2_jax against transformers' PyTorch `generate`, side by side, one run.
 
     python tools/bench_generate.py --torch-python /path/to/python-with-torch [--configs tiny,small]
-        [--batch 8] [--new-tokens 30] [--beams 5] [--repeats 3] [--dtypes float32,bfloat16]
+        [--batch 8] [--new-tokens 30] [--beams 5] [--repeats 3] [--dtypes float32,bfloat16] [--profile]
 
 The PyTorch side runs in a separate interpreter (`--torch-python`, needs torch + transformers):
 it first creates random BLIP-2 OPT checkpoints with transformers in a temporary directory (the
@@ -95,14 +95,22 @@ def serve():
     for line in sys.stdin:
         if line.strip() == "quit":
             break
-        name, label = line.split()
+        name, label, *rest = line.split()
+        n_new = int(rest[0]) if rest else n
+        if label == "image":  # ViT + Q-Former + projection only
+            with torch.inference_mode():
+                t = time.perf_counter()
+                models[name].get_image_features(pixel_values=pixels[name])
+                seconds = time.perf_counter() - t
+            print(json.dumps({"seconds": seconds, "tokens": []}), flush=True)
+            continue
         beams = 1 if label == "greedy" else spec["beams"]
-        kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False)
+        kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, num_beams=beams, do_sample=False)
         with torch.inference_mode():
             t = time.perf_counter()
             seqs = models[name].generate(pixel_values=pixels[name], **kw)
             seconds = time.perf_counter() - t
-        print(json.dumps({"seconds": seconds, "tokens": seqs[:, -n:].tolist()}), flush=True)
+        print(json.dumps({"seconds": seconds, "tokens": seqs[:, -n_new:].tolist()}), flush=True)
 
 if mode == "create":
     for name in spec["configs"]:
@@ -135,8 +143,9 @@ class TorchServer:
             sys.exit(f"the PyTorch side exited (code {self.proc.wait()})")
         return json.loads(line)
 
-    def run(self, name: str, label: str) -> dict:
-        self.proc.stdin.write(f"{name} {label}\n")
+    def run(self, name: str, label: str, new_tokens: int | None = None) -> dict:
+        extra = "" if new_tokens is None else f" {new_tokens}"
+        self.proc.stdin.write(f"{name} {label}{extra}\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -175,11 +184,22 @@ class OurSide:
         np.save(os.path.join(workdir, name, "pixel_values.npy"), self.pixels)  # the same for every dtype
         self.n, self.beams = args.new_tokens, args.beams
         self.compile_seconds = {label: self.run(label)["seconds"] for label in ("greedy", "beam")}
+        if args.profile:
+            for label in ("image", "greedy", "beam"):
+                self.run(label, 1)  # compile the pieces of the breakdown
 
-    def run(self, label: str) -> dict:
+    def run(self, label: str, new_tokens: int | None = None) -> dict:
+        if label == "image":  # ViT + Q-Former + projection only
+            import jax
+
+            m = self.model
+            t = time.perf_counter()
+            jax.block_until_ready(m._soft_prompts(m.params, self.pixels))
+            return {"seconds": time.perf_counter() - t, "tokens": []}
+        n = self.n if new_tokens is None else new_tokens
         beams = 1 if label == "greedy" else self.beams
         t = time.perf_counter()
-        tokens = self.model.generate_from_pixels(self.pixels, max_new_tokens=self.n, min_new_tokens=self.n,
+        tokens = self.model.generate_from_pixels(self.pixels, max_new_tokens=n, min_new_tokens=n,
                                                  num_beams=beams)
         return {"seconds": time.perf_counter() - t, "tokens": tokens}
 
@@ -196,6 +216,9 @@ def main():
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
     p.add_argument("--torch-omp-wait", default="passive", choices=("passive", "default"),
                    help="OMP_WAIT_POLICY of the PyTorch side (passive: robust on a shared machine)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where the time goes: image side, prefill (1 new token minus the "
+                        "image side), and the cost of each further token, for both sides")
     args = p.parse_args()
     names = [c for c in args.configs.split(",") if c]
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -225,6 +248,9 @@ def main():
                         o["seconds"], o["tokens"] = min(o["seconds"], r["seconds"]), r["tokens"]
                     r = server.run(name, label)
                     theirs[name, label]["seconds"] = min(theirs[name, label]["seconds"], r["seconds"])
+        if args.profile:
+            profile = {name: _profile(name, {d: sides[name, d] for d in dtypes}, server, args)
+                       for name in names}
         server.close()
         info = server.info
 
@@ -247,6 +273,45 @@ def main():
                 print(f"{name:7} {label:6} {d:8} {total / o['seconds']:10.1f} {total / t['seconds']:11.1f} "
                       f"{t['seconds'] / o['seconds']:7.2f}x {o['seconds']:7.3f} {t['seconds']:8.3f} "
                       f"{o['warmup_seconds']:10.1f} {same:>8}")
+    if args.profile:
+        _print_profile(profile, names, dtypes, args)
+
+
+def _profile(name: str, ours: dict, server: TorchServer, args) -> dict:
+    """Best-of-repeats seconds of the pieces, alternating sides: {(side, piece): s}; side is a
+    dtype of ours or "torch"; pieces: image, greedy/beam with 1 and with `--new-tokens` tokens."""
+    pieces = [("image", None)] + [(m, n) for m in ("greedy", "beam") for n in (1, args.new_tokens)]
+    best: dict = {}
+    for label, n in pieces:
+        server.run(name, label, n)  # warm-up
+        for _ in range(args.repeats):
+            runs = {d: side.run(label, n) for d, side in ours.items()}
+            runs["torch"] = server.run(name, label, n)
+            for side, r in runs.items():
+                best[side, label, n] = min(best.get((side, label, n), float("inf")), r["seconds"])
+    return best
+
+
+def _print_profile(profile: dict, names, dtypes, args):
+    """image | prefill = (1 new token) - image | per token = (N - 1 tokens) / (N - 1), in ms."""
+    n = args.new_tokens
+    print(f"\n# breakdown, ms (best of {args.repeats}): image = ViT + Q-Former + projection; prefill = "
+          f"generate 1 token - image; step = (generate {n} - generate 1) / {n - 1}")
+    head = (f"{'config':7} {'side':8} {'image':>8} {'greedy prefill':>14} {'greedy step':>11} "
+            f"{'beam prefill':>12} {'beam step':>9}")
+    print(head)
+    print("-" * len(head))
+    for name in names:
+        b = profile[name]
+        for side in list(dtypes) + ["torch"]:
+            image = b[side, "image", None]
+            row = [image]
+            for m in ("greedy", "beam"):
+                one, full = b[side, m, 1], b[side, m, n]
+                row += [one - image, (full - one) / max(n - 1, 1)]
+            label = "torch" if side == "torch" else f"ours {side[:4]}"
+            print(f"{name:7} {label:8} {row[0] * 1e3:8.1f} {row[1] * 1e3:14.1f} {row[2] * 1e3:11.2f} "
+                  f"{row[3] * 1e3:12.1f} {row[4] * 1e3:9.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """The preallocated key/value cache of the frozen language models, and the masks that go with it.
 
-A cache holds every layer's keys and values, stacked so that `nn.scan` can slice it per layer:
-`{"k": [L, B, S, H, Dh], "v": [L, B, S, H, Dh]}` with S the maximum length. A call that brings T
+A cache holds every layer's keys and values in one buffer per kind:
+`{"k": [L, B, H, S, Dh], "v": [L, B, H, S, Dh]}` with S the maximum length. Heads come before
+slots so that one layer's [B, H, S, Dh] slab is already in the (batch, head)-major layout of the
+attention matmuls (a [B, S, H, Dh] slab is transposed into a copy per layer and token). A call that brings T
 new tokens writes their keys/values at slots `cache_index .. cache_index + T - 1` (one scalar index
 for the whole batch: rows are left-padded, and the padding mask hides the unused slots).
+
+The layer stack carries the whole buffer from layer to layer (a scan *carry*, not scanned xs/ys)
+and each layer writes its slice with one `dynamic_update_slice` on it: XLA then updates the
+buffer in place, whereas slicing it as scan xs and restacking the ys copies all L layers per
+generated token.
 Batch is axis 1 of every leaf, so beam search can reorder any cache with one gather on axis 1.
 """
 from __future__ import annotations
@@ -19,25 +26,62 @@ from blip2_jax.sharding import constrain
 Array = jax.Array
 Cache = dict[str, Array]
 
-# per-layer cache slice [B, S, H, Dh]
-CACHE_AXES = ("act_batch", "act_length", "act_heads", None)
+# the stacked buffer [L, B, H, S, Dh]
+CACHE_AXES = (None, "act_batch", "act_heads", "act_length", None)
 
 
 def init_kv(num_layers: int, batch: int, max_length: int, num_heads: int, head_dim: int,
             dtype: Any = jnp.float32) -> Cache:
-    """Zero keys and values, `{"k", "v"}` each [L, B, S, H, Dh]."""
-    shape = (num_layers, batch, max_length, num_heads, head_dim)
+    """Zero keys and values, `{"k", "v"}` each [L, B, H, S, Dh]."""
+    shape = (num_layers, batch, num_heads, max_length, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def write(layer_cache: Cache, k: Array, v: Array, cache_index: Array) -> Cache:
-    """Write T new keys/values [B, T, H, Dh] into one layer's cache [B, S, H, Dh] at `cache_index`."""
-    idx = jnp.asarray(cache_index, jnp.int32)
+def update_layer(cache: Cache, layer: Array | int, k: Array, v: Array,
+                 cache_index: Array | int) -> tuple[Cache, Array, Array]:
+    """Writes layer `layer`'s T new keys/values [B, T, H, Dh] at slot `cache_index` of the
+    stacked cache [L, B, H, S, Dh] (in place when the cache is a loop carry).
+
+    Returns (updated cache, this layer's keys [B, H, S, Dh], values [B, H, S, Dh])."""
     zero = jnp.zeros((), jnp.int32)
-    start = (zero, idx, zero, zero)
-    new_k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-    new_v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-    return {"k": constrain(new_k, CACHE_AXES), "v": constrain(new_v, CACHE_AXES)}
+    start = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+    out = {}
+    for name, new in (("k", k), ("v", v)):
+        buf = cache[name]
+        new = head_major(new)[None].astype(buf.dtype)
+        buf = jax.lax.dynamic_update_slice(buf, new, start)
+        out[name] = constrain(buf, CACHE_AXES)
+    layer_k = jax.lax.dynamic_index_in_dim(out["k"], start[0], axis=0, keepdims=False)
+    layer_v = jax.lax.dynamic_index_in_dim(out["v"], start[0], axis=0, keepdims=False)
+    return dict(cache, **out), layer_k, layer_v
+
+
+def head_major(x: Array) -> Array:
+    """[B, S, H, Dh] -> [B, H, S, Dh], the cache layout."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None = None, bias: Array | None = None,
+           scale: float | None = None) -> Array:
+    """`layers.attention` over head-major keys/values (the cache layout): the same float32
+    logits and softmax. q [B, Tq, H, D]; k, v [B, H, S, D]; mask bool broadcastable to
+    [B, H, Tq, S]; bias additive, broadcastable to [B, H, Tq, S]. Returns [B, Tq, H, D]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    prec = layers.precision(q.dtype)
+    logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, precision=prec,
+                        preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, layers.NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bqhd", probs, v, precision=prec)
+
+
+def layer_slice(cache: Cache, name: str, layer: Array | int) -> Array:
+    """One layer of a stacked cache entry: [L, B, ...] -> [B, ...]."""
+    return jax.lax.dynamic_index_in_dim(cache[name], jnp.asarray(layer, jnp.int32), axis=0,
+                                        keepdims=False)
 
 
 def causal_attention_mask(num_queries: int, key_mask: Array | None, num_keys: int,
@@ -56,4 +100,4 @@ def causal_attention_mask(num_queries: int, key_mask: Array | None, num_keys: in
 
 def cache_length(cache: Cache) -> int:
     """S, the number of key slots."""
-    return cache["k"].shape[2]
+    return cache["k"].shape[3]

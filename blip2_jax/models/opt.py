@@ -56,8 +56,9 @@ class OPTAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, layer_cache: dict | None, cache_index):
-        """x [B, T, D]; mask bool [B|1, 1, T, S]; layer_cache {"k","v"} [B, S, H, Dh] or None."""
+    def __call__(self, x: Array, mask: Array, cache: dict | None, layer: Array | int, cache_index):
+        """x [B, T, D]; mask bool [B|1, 1, T, S]; cache: the stacked {"k","v"} [L, B, H, S, Dh]
+        or None; layer: this layer's index in it. -> ([B, T, D], updated cache)."""
         cfg = self.config
         d, h = cfg.hidden_size, cfg.num_attention_heads
         if d % h:
@@ -68,11 +69,12 @@ class OPTAttention(nn.Module):
         k = proj(("embed", "heads"), "k_proj")(x)
         v = proj(("embed", "heads"), "v_proj")(x)
         q, k, v = (layers.split_heads(t, h) for t in (q, k, v))
-        if layer_cache is not None:
-            layer_cache = kv_cache.write(layer_cache, k, v, cache_index)
-            k, v = layer_cache["k"].astype(self.dtype), layer_cache["v"].astype(self.dtype)
-        out = layers.attention(q, k, v, mask=mask, scale=1.0)
-        return proj(("heads", "embed"), "out_proj")(layers.merge_heads(out)), layer_cache
+        if cache is None:
+            out = layers.attention(q, k, v, mask=mask, scale=1.0)
+        else:
+            cache, k, v = kv_cache.update_layer(cache, layer, k, v, cache_index)
+            out = kv_cache.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask, scale=1.0)
+        return proj(("heads", "embed"), "out_proj")(layers.merge_heads(out)), cache
 
 
 class OPTDecoderLayer(nn.Module):
@@ -82,9 +84,10 @@ class OPTDecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, layer_cache: dict | None, mask: Array, cache_index,
-                 deterministic: bool):
-        """x [B, T, D] -> ([B, T, D], updated layer_cache). Signature fits nn.scan (carry, xs, ...)."""
+    def __call__(self, carry: tuple, mask: Array, cache_index, deterministic: bool):
+        """carry = (x [B, T, D], stacked cache or None, layer index int32) -> (next carry, None).
+        The cache rides in the carry so that nn.scan updates it in place (see kv_cache)."""
+        x, cache, layer = carry
         cfg = self.config
         pre = cfg.do_layer_norm_before
         ln1 = _layer_norm(cfg, "self_attn_layer_norm", self.dtype, self.param_dtype)
@@ -92,8 +95,8 @@ class OPTDecoderLayer(nn.Module):
         drop = nn.Dropout(cfg.dropout)
 
         h = ln1(x) if pre else x
-        h, layer_cache = OPTAttention(cfg, self.dtype, self.param_dtype, name="self_attn")(
-            h, mask, layer_cache, cache_index)
+        h, cache = OPTAttention(cfg, self.dtype, self.param_dtype, name="self_attn")(
+            h, mask, cache, layer, cache_index)
         x = x + drop(h, deterministic=deterministic)
         if not pre:
             x = ln1(x)
@@ -105,11 +108,11 @@ class OPTDecoderLayer(nn.Module):
         x = x + drop(h, deterministic=deterministic)
         if not pre:
             x = ln2(x)
-        return constrain(x, ACT), layer_cache
+        return (constrain(x, ACT), cache, layer + 1), None
 
 
 def init_cache(config: OPTConfig, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> dict:
-    """Zero KV cache {"k", "v"}: [num_layers, batch, max_length, heads, head_dim]."""
+    """Zero KV cache {"k", "v"}: [num_layers, batch, heads, max_length, head_dim]."""
     if max_length > config.max_position_embeddings:
         raise ValueError(f"cache length {max_length} exceeds max_position_embeddings "
                          f"{config.max_position_embeddings}")
@@ -156,11 +159,11 @@ class OPTForCausalLM(nn.Module):
             self.lm_head = layers.Dense(cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
                                         dtype=self.dtype, param_dtype=self.param_dtype,
                                         kernel_init=init)
-        block = remat(OPTDecoderLayer, self.remat_policy, self.scan_layers, static_argnums=(5,))
+        block = remat(OPTDecoderLayer, self.remat_policy, self.scan_layers, static_argnums=(4,))
         if self.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.dtype, self.param_dtype)
         else:
@@ -188,15 +191,13 @@ class OPTForCausalLM(nn.Module):
         x = x + self.embed_positions(position_ids + POSITION_OFFSET)
         x = constrain(x, ACT)
 
+        carry = (x, cache, jnp.int32(0))
         if self.scan_layers:
-            x, new_cache = self.layers(x, cache, mask, cache_index, deterministic)
+            carry, _ = self.layers(carry, mask, cache_index, deterministic)
         else:
-            per_layer = []
-            for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                x, layer_cache = layer(x, layer_cache, mask, cache_index, deterministic)
-                per_layer.append(layer_cache)
-            new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
+            for layer in self.layers:
+                carry, _ = layer(carry, mask, cache_index, deterministic)
+        x, new_cache, _ = carry
 
         if cfg.do_layer_norm_before:
             x = self.final_layer_norm(x)

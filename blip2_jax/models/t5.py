@@ -6,9 +6,10 @@ position buckets owned by each stack (HF keeps the table in block 0 and hands th
 others; every layer is identical here, so the stack can be scanned), gated-GELU (tanh) FFN for
 FlanT5, ReLU for original T5. BLIP-2 feeds the encoder `[projected queries; prompt embeddings]`.
 
-Decoding cache: `init_cache` gives the self-attention keys/values `{"k", "v"}` [L, B, S, H, Dh].
-The first `decode` call with a cache (the prefill) also projects the encoder output once into
-`"cross_k"`/`"cross_v"` [L, B, Te, H, Dh] and returns them in the new cache; later calls read
+Decoding cache: `init_cache` gives the self-attention keys/values `{"k", "v"}` [L, B, H, S, Dh],
+carried through the layer stack and updated in place (`models/kv_cache.py`). The first `decode`
+call with a cache (the prefill) also projects the encoder output once into
+`"cross_k"`/`"cross_v"` [L, B, H, Te, Dh] and returns them in the new cache; later calls read
 them and may pass `encoder_hidden=None`.
 
 Param tree (scan_layers=True; with False, `layers_0`, ... without the leading axis):
@@ -102,10 +103,12 @@ class T5Attention(nn.Module):
         h = self.config.num_heads
         return layers.split_heads(self.k(x), h), layers.split_heads(self.v(x), h)
 
-    def __call__(self, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None) -> Array:
-        """Attention without 1/sqrt(d) scaling (T5 folds it into the init) -> [B, T, D]."""
-        out = layers.attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask, bias=bias,
-                               scale=1.0)
+    def __call__(self, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None,
+                 cached: bool = False) -> Array:
+        """Attention without 1/sqrt(d) scaling (T5 folds it into the init) -> [B, T, D].
+        k, v [B, S, H, Dh], or with `cached` the cache's head-major [B, H, S, Dh]."""
+        attend = kv_cache.attend if cached else layers.attention
+        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask, bias=bias, scale=1.0)
         return self.o(layers.merge_heads(out))
 
 
@@ -140,11 +143,13 @@ class T5Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, layer_cache: dict | None, mask: Array | None, bias: Array,
-                 encoder_hidden: Array | None, encoder_mask: Array | None, cache_index,
-                 deterministic: bool):
-        """x [B, T, D]; layer_cache: this layer's {"k", "v"(, "cross_k", "cross_v")} or None;
-        mask bool [B|1, 1, T, S]; bias [1, H, T, S]. -> (x, updated layer_cache)."""
+    def __call__(self, carry: tuple, mask: Array | None, bias: Array, encoder_hidden: Array | None,
+                 encoder_mask: Array | None, cache_index, deterministic: bool):
+        """carry = (x [B, T, D], stacked cache {"k", "v"(, "cross_k", "cross_v")} or None, layer
+        index int32); mask bool [B|1, 1, T, S]; bias [1, H, T, S].
+        -> (next carry, this layer's new cross-attention keys/values {"cross_k", "cross_v"}
+        [B, H, Te, Dh] when a cache without them is being filled (the prefill), else None)."""
+        x, cache, layer = carry
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(T5LayerNorm, cfg.layer_norm_epsilon, **kw)
@@ -153,31 +158,31 @@ class T5Block(nn.Module):
         attn = T5Attention(cfg, name="self_attn", **kw)
         h = norm(name="self_attn_norm")(x)
         q, (k, v) = attn.query(h), attn.key_value(h)
-        new_cache = None
-        if layer_cache is not None:
-            new_cache = dict(layer_cache)
-            new_cache.update(kv_cache.write(layer_cache, k, v, cache_index))
-            k, v = new_cache["k"], new_cache["v"]
-        x = x + drop(attn(q, k, v, mask, bias), deterministic=deterministic)
+        if cache is not None:
+            cache, k, v = kv_cache.update_layer(cache, layer, k, v, cache_index)
+        x = x + drop(attn(q, k, v, mask, bias, cached=cache is not None), deterministic=deterministic)
 
+        new_cross = None
         if self.is_decoder:
             cross = T5Attention(cfg, name="cross_attn", **kw)
             h = norm(name="cross_attn_norm")(x)
-            if layer_cache is not None and "cross_k" in layer_cache:
-                k, v = layer_cache["cross_k"], layer_cache["cross_v"]
+            if cache is not None and "cross_k" in cache:
+                k, v = kv_cache.layer_slice(cache, "cross_k", layer), kv_cache.layer_slice(cache, "cross_v", layer)
             else:
                 if encoder_hidden is None:
                     raise ValueError("the decoder needs encoder_hidden (or a cache holding the "
                                      "cross-attention keys/values from a previous call)")
                 k, v = cross.key_value(encoder_hidden)
-                if new_cache is not None:
-                    dt = layer_cache["k"].dtype
-                    new_cache.update(cross_k=k.astype(dt), cross_v=v.astype(dt))
-            x = x + drop(cross(cross.query(h), k, v, encoder_mask, None), deterministic=deterministic)
+                if cache is not None:
+                    dt = cache["k"].dtype
+                    k, v = kv_cache.head_major(k).astype(dt), kv_cache.head_major(v).astype(dt)
+                    new_cross = {"cross_k": k, "cross_v": v}
+            x = x + drop(cross(cross.query(h), k, v, encoder_mask, None, cached=cache is not None),
+                         deterministic=deterministic)
 
         h = norm(name="ff_norm")(x)
         x = x + drop(T5FeedForward(cfg, name="ff", **kw)(h, deterministic), deterministic=deterministic)
-        return constrain(x, ACT), new_cache
+        return (constrain(x, ACT), cache, layer + 1), new_cross
 
 
 class T5Stack(nn.Module):
@@ -201,11 +206,11 @@ class T5Stack(nn.Module):
             param_dtype=self.param_dtype, embedding_init=layers.logical(bias_init, ("relpos", "heads")))
         self.final_layer_norm = T5LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype)
         self.dropout = nn.Dropout(cfg.dropout_rate)
-        block = remat(T5Block, self.remat_policy, self.scan_layers, static_argnums=(8,))
+        block = remat(T5Block, self.remat_policy, self.scan_layers, static_argnums=(7,))
         if self.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0,) + (nn.broadcast,) * 6, length=self.num_layers,
+                in_axes=(nn.broadcast,) * 6, length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.is_decoder, self.dtype, self.param_dtype)
         else:
@@ -240,23 +245,26 @@ class T5Stack(nn.Module):
             bias = self.position_bias(t, t, 0)
             enc_mask = None
         x = constrain(self.dropout(x, deterministic=deterministic), ACT)
+        carry = (x, cache, jnp.int32(0))
         if self.scan_layers:
-            x, new_cache = self.layers(x, cache, mask, bias, encoder_hidden, enc_mask, cache_index,
+            carry, cross = self.layers(carry, mask, bias, encoder_hidden, enc_mask, cache_index,
                                        deterministic)
         else:
             per_layer = []
-            for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                x, layer_cache = layer(x, layer_cache, mask, bias, encoder_hidden, enc_mask,
-                                       cache_index, deterministic)
-                per_layer.append(layer_cache)
-            new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
+            for layer in self.layers:
+                carry, c = layer(carry, mask, bias, encoder_hidden, enc_mask, cache_index,
+                                 deterministic)
+                per_layer.append(c)
+            cross = None if per_layer[0] is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
+        x, new_cache, _ = carry
+        if cross is not None:  # the prefill: keep each layer's cross-attention keys/values
+            new_cache = dict(new_cache, **cross)
         x = self.dropout(self.final_layer_norm(x), deterministic=deterministic)
         return x, new_cache
 
 
 def init_cache(config: T5Config, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> dict:
-    """Zero decoder self-attention cache {"k", "v"}: [num_decoder_layers, batch, max_length, H, d_kv]
+    """Zero decoder self-attention cache {"k", "v"}: [num_decoder_layers, batch, H, max_length, d_kv]
     (the prefill call adds "cross_k"/"cross_v")."""
     return kv_cache.init_kv(config.num_decoder_layers, batch, max_length, config.num_heads,
                             config.d_kv, dtype)
