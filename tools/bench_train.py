@@ -257,6 +257,64 @@ def _batch(cfg, keys, queries: int, b: int, t: int) -> dict:
     return {k: out[k] for k in keys}
 
 
+def breakdown(c: dict, batch: int, text_len: int, dtype: str, repeats: int) -> list[tuple[str, float, float]]:
+    """Where our stage-2 step's time goes: [(part, seconds, FLOPs)], each part jitted alone
+    (unrolled layers, so XLA's FLOP count is per layer), cotangents of ones where backward."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from blip2_jax import losses, main, sharding, train_state
+    cfg = train_config(c, "lm", batch, text_len, dtype, scan_layers=False)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    out = []
+
+    def timed(name, f, *args):
+        f = jax.jit(f)
+        compiled = f.lower(*args).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        jax.block_until_ready(compiled(*args))
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            best = min(best, time.perf_counter() - t)
+        out.append((name, best, float(cost.get("flops", 0.0))))
+        return compiled(*args)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        model, _, task, state, frozen, _ = main.create_state(cfg, mesh)
+        b = jax.tree.map(jnp.asarray, _batch(cfg, task.batch_keys, model.config.num_query_tokens, batch, text_len))
+        # parameters are arguments, never closed over (constants would be folded at compile time)
+        apply = lambda t, f, *a, **k: model.apply({"params": train_state.merge_params(t, f)}, *a, **k)  # noqa: E731
+        image = timed("frozen ViT forward", lambda t, f, x: apply(t, f, x, method="encode_image"),
+                      state.params, frozen, b["image"])
+
+        def prompt_of(t, f, img):
+            return apply(t, f, apply(t, f, img, method="query_output"), method="project")
+
+        prompt = jax.jit(prompt_of)(state.params, frozen, image)
+        timed("Q-Former + projection fwd+bwd", lambda t, f, img: jax.vjp(lambda u: prompt_of(u, f, img), t)[1](
+            jnp.ones_like(prompt)), state.params, frozen, image)
+
+        def hidden_of(t, f, pr):
+            return apply(t, f, pr, b["llm_input_ids"], b["llm_attention_mask"], method="lm_hidden")
+
+        hidden = jax.jit(hidden_of)(state.params, frozen, prompt)
+        timed("frozen LLM fwd+bwd (to the prompt)", lambda t, f, pr: jax.vjp(lambda q: hidden_of(t, f, q), pr)[1](
+            jnp.ones_like(hidden)), state.params, frozen, prompt)
+
+        def head_loss(h, t, f):
+            h, targets = losses.next_token_alignment(h, b["llm_labels"])
+            return losses.token_loss(apply(t, f, h, method="lm_head"), targets)[0]
+
+        timed("LM head + loss fwd+bwd (text positions)", jax.grad(head_loss), hidden, state.params, frozen)
+        grads = jax.tree.map(jnp.ones_like, state.params)
+        timed("AdamW update", lambda s, g: s.apply_gradients(g), state, grads)
+    return out
+
+
 def matmul_peak() -> dict:
     """The best [N, N] @ [N, N] rate of jax on this machine (FLOP/s), per dtype."""
     import jax
@@ -296,6 +354,7 @@ def main():
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--stage1-batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--breakdown", action="store_true", help="also time the parts of our stage-2 step")
     args = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -349,6 +408,15 @@ def main():
               f"({ours.flops_scanned / 1e9:.1f}) | {ours.flops / t_ours / 1e12:.3f} | "
               f"{100 * ours.flops / t_ours / peaks[dtype][0]:.0f}% | {args.batch / t_ours:.1f} | "
               f"{args.stage1_batch / s1_t:.1f} | {ours.compile_seconds:.1f} |")
+    if args.breakdown:
+        for name in names:
+            for dtype in dtypes:
+                parts = breakdown(CONFIGS[name], args.batch, args.text_len, dtype, args.repeats)
+                print(f"\nour stage-2 step by part, {name} / {dtype} (each part jitted alone, best of {args.repeats})\n")
+                print("| part | ms | GFLOP | GFLOP/s |")
+                print("|---|---|---|---|")
+                for part, sec, flops in parts:
+                    print(f"| {part} | {1e3 * sec:.1f} | {flops / 1e9:.2f} | {flops / sec / 1e9:.0f} |")
 
 
 if __name__ == "__main__":
