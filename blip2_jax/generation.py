@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from blip2_jax import decoding
 from blip2_jax import logits_processors as lp
-from blip2_jax.models import opt, t5
+from blip2_jax.models import kv_cache, opt, t5
 from blip2_jax.models.blip2 import Blip2, opt_position_ids
 
 Array = jax.Array
@@ -92,20 +92,26 @@ def _lm(model: Blip2, params, fn, *args, **kwargs):
 # Prefill + one-token step for each language model family
 # ----------------------------------------------------------------------------------------------
 def _opt_prefill(model: Blip2, params, prompt, input_ids, attention_mask, max_new_tokens):
-    """-> first_logits [B, V], cache, step_fn(rows_repeat) factory."""
+    """-> first_logits [B, V], cache, step_fn(rows_repeat) factory.
+
+    The prompt's keys/values stay at batch B, outside the loop state, shared by the beams (or
+    samples) of each row; the loop carries only the generated tokens' slots."""
     cfg = model.config.text
     b = input_ids.shape[0]
     embeds, mask = model.apply({"params": params}, prompt, input_ids, attention_mask,
                                method=Blip2.prepend_prompt)
     length = embeds.shape[1]
-    # Slots past the prompt hold the generated tokens; causality hides them until written.
-    cache_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens - 1), mask.dtype)], axis=1)
     positions = opt_position_ids(mask)
-    cache = opt.init_cache(cfg, b, length + max_new_tokens - 1, dtype=model.text_dtype)
-    hidden, cache = _lm(model, params, lambda lm, *a: lm(*a, return_hidden=True), embeds, cache_mask,
-                        positions, cache, jnp.int32(0))
+    prompt_cache = opt.init_cache(cfg, b, length, dtype=model.text_dtype)
+    hidden, prompt_cache = _lm(model, params, lambda lm, *a: lm(*a, return_hidden=True), embeds, mask,
+                               positions, prompt_cache, jnp.int32(0))
     first_logits = _lm(model, params, lambda lm, h: lm.logits(h), hidden[:, -1])
     next_position = positions[:, -1] + 1  # the prompt's last token is real (left padding)
+    # Generated token i (fed back at step i) takes slot length + i; the last one is never fed
+    # back. Causality hides the slots not written yet.
+    new_slots = max(max_new_tokens - 1, 1)
+    cache = opt.init_cache(cfg, b, new_slots, dtype=model.text_dtype)
+    cache_mask = jnp.concatenate([mask, jnp.ones((b, new_slots), mask.dtype)], axis=1)
 
     def make_step(repeat: int):
         mask_r = decoding.repeat_for_beams(cache_mask, repeat)
@@ -113,9 +119,10 @@ def _opt_prefill(model: Blip2, params, prompt, input_ids, attention_mask, max_ne
 
         def step_fn(tokens, cache_, step):
             def run(lm, tok, c):
+                c = kv_cache.with_prefix(c, prompt_cache)
                 h, c = lm(lm.embed(tok[:, None]), mask_r, (pos_r + step)[:, None], c, length + step,
                           return_hidden=True)
-                return _materialize(lm.logits(h[:, 0])), c
+                return _materialize(lm.logits(h[:, 0])), kv_cache.without_prefix(c)
             return _lm(model, params, run, tokens, cache_)
         return step_fn
 
@@ -134,16 +141,16 @@ def _t5_prefill(model: Blip2, params, prompt, input_ids, attention_mask, max_new
     logits, cache = _lm(model, params, lambda lm, *a: lm.decode(*a), start, encoded, mask, cache,
                         jnp.int32(0))
     # The cross-attention keys/values never change: keep them out of the loop state (beam search
-    # would otherwise reorder them every step).
+    # would otherwise reorder them every step), at batch B: the beams (samples) of a row share
+    # them in the attention (`kv_cache.attend` groups the query rows) instead of copies.
     cross = {k: cache.pop(k) for k in ("cross_k", "cross_v")}
 
     def make_step(repeat: int):
         mask_r = decoding.repeat_for_beams(mask, repeat)
-        cross_r = {k: decoding.repeat_for_beams(v, repeat, axis=1) for k, v in cross.items()}
 
         def step_fn(tokens, cache_, step):
             def run(lm, tok, c):
-                out, c = lm.decode(tok[:, None], None, mask_r, dict(c, **cross_r), step + 1)
+                out, c = lm.decode(tok[:, None], None, mask_r, dict(c, **cross), step + 1)
                 return _materialize(out[:, 0]), {"k": c["k"], "v": c["v"]}
             return _lm(model, params, run, tokens, cache_)
         return step_fn

@@ -12,6 +12,10 @@ and each layer writes its slice with one `dynamic_update_slice` on it: XLA then 
 buffer in place, whereas slicing it as scan xs and restacking the ys copies all L layers per
 generated token.
 Batch is axis 1 of every leaf, so beam search can reorder any cache with one gather on axis 1.
+
+For decoding, a cache may also hold a read-only prefix (`with_prefix`): the prefilled prompt's
+keys/values at the batch of the prompts, while the cache's own slots hold the generated tokens
+at the batch of the beams; beams attend to their prompt's prefix without copies of it.
 """
 from __future__ import annotations
 
@@ -61,21 +65,54 @@ def head_major(x: Array) -> Array:
     return jnp.swapaxes(x, 1, 2)
 
 
+def _group_logits(q: Array, k: Array, prec) -> Array:
+    """q [G*B, Tq, H, D] against k [B, H, S, D] -> float32 logits [G*B, H, Tq, S]: consecutive
+    groups of G query rows share one row of keys (beams of one image share its prompt)."""
+    bq, tq, h, d = q.shape
+    b, s = k.shape[0], k.shape[2]
+    g = bq // b
+    logits = jnp.einsum("bqhd,bhkd->bhqk", q.reshape(b, g * tq, h, d), k, precision=prec,
+                        preferred_element_type=jnp.float32)
+    if g == 1:
+        return logits
+    return jnp.swapaxes(logits.reshape(b, h, g, tq, s), 1, 2).reshape(bq, h, tq, s)
+
+
+def _group_weighted(probs: Array, v: Array, prec) -> Array:
+    """probs [G*B, H, Tq, S] over values v [B, H, S, D] -> float32 [G*B, Tq, H, D]."""
+    bq, h, tq, s = probs.shape
+    b, d = v.shape[0], v.shape[-1]
+    g = bq // b
+    if g > 1:
+        probs = jnp.swapaxes(probs.reshape(b, g, h, tq, s), 1, 2).reshape(b, h, g * tq, s)
+    out = jnp.einsum("bhqk,bhkd->bqhd", probs, v, precision=prec, preferred_element_type=jnp.float32)
+    return out.reshape(bq, tq, h, d)
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array | None = None, bias: Array | None = None,
-           scale: float | None = None) -> Array:
+           scale: float | None = None, prefix: tuple[Array, Array] | None = None) -> Array:
     """`layers.attention` over head-major keys/values (the cache layout): the same float32
-    logits and softmax. q [B, Tq, H, D]; k, v [B, H, S, D]; mask bool broadcastable to
-    [B, H, Tq, S]; bias additive, broadcastable to [B, H, Tq, S]. Returns [B, Tq, H, D]."""
+    logits and softmax. q [B', Tq, H, D]; k, v [B, H, S, D] with B' a multiple of B (groups of
+    B'/B consecutive query rows share a row of keys: beams or samples of one prompt need no
+    copies of it); `prefix` = (keys, values) [B'', H, P, D] placed before k, v (B' a multiple
+    of B''). mask bool / bias additive, broadcastable to [B', H, Tq, P + S].
+    Returns [B', Tq, H, D] in q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     prec = layers.precision(q.dtype)
-    logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, precision=prec,
-                        preferred_element_type=jnp.float32) * scale
+    logits = _group_logits(q, k, prec)
+    if prefix is not None:
+        logits = jnp.concatenate([_group_logits(q, prefix[0], prec), logits], axis=-1)
+    logits = logits * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, layers.NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bqhd", probs, v, precision=prec)
+    if prefix is None:
+        return _group_weighted(probs, v, prec).astype(q.dtype)
+    p = prefix[1].shape[2]
+    out = _group_weighted(probs[..., :p], prefix[1], prec) + _group_weighted(probs[..., p:], v, prec)
+    return out.astype(q.dtype)
 
 
 def layer_slice(cache: Cache, name: str, layer: Array | int) -> Array:
@@ -98,6 +135,24 @@ def causal_attention_mask(num_queries: int, key_mask: Array | None, num_keys: in
     return mask
 
 
+def prefix_length(cache: Cache) -> int:
+    """P, the number of shared prompt slots before the cache's own (0 without a prefix)."""
+    return cache["prefix_k"].shape[3] if "prefix_k" in cache else 0
+
+
 def cache_length(cache: Cache) -> int:
-    """S, the number of key slots."""
-    return cache["k"].shape[3]
+    """The number of key slots a query sees: P (shared prefix, if any) + S."""
+    return prefix_length(cache) + cache["k"].shape[3]
+
+
+def with_prefix(cache: Cache, prefix: Cache) -> Cache:
+    """A decoding cache whose queries also see a prefilled prompt's cache `prefix` {"k", "v"}
+    [L, B, H, P, Dh], shared by groups of rows and never copied or reordered (beam search
+    reorders only the generated tokens' slots). Slot indices (`cache_index`, masks) count the
+    prefix first: slot P + j is the cache's own slot j."""
+    return dict(cache, prefix_k=prefix["k"], prefix_v=prefix["v"])
+
+
+def without_prefix(cache: Cache) -> Cache:
+    """The cache's own entries (what a decoding loop carries)."""
+    return {k: v for k, v in cache.items() if not k.startswith("prefix_")}

@@ -72,8 +72,14 @@ class OPTAttention(nn.Module):
         if cache is None:
             out = layers.attention(q, k, v, mask=mask, scale=1.0)
         else:
-            cache, k, v = kv_cache.update_layer(cache, layer, k, v, cache_index)
-            out = kv_cache.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask, scale=1.0)
+            p = kv_cache.prefix_length(cache)
+            cache, k, v = kv_cache.update_layer(cache, layer, k, v, cache_index - p)
+            prefix = None
+            if p:
+                prefix = tuple(kv_cache.layer_slice(cache, n, layer).astype(self.dtype)
+                               for n in ("prefix_k", "prefix_v"))
+            out = kv_cache.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
+                                  scale=1.0, prefix=prefix)
         return proj(("heads", "embed"), "out_proj")(layers.merge_heads(out)), cache
 
 
