@@ -3,9 +3,10 @@
 A cache holds every layer's keys and values in one buffer per kind:
 `{"k": [L, B, H, S, Dh], "v": [L, B, H, S, Dh]}` with S the maximum length. Heads come before
 slots so that one layer's [B, H, S, Dh] slab is already in the (batch, head)-major layout of the
-attention matmuls (a [B, S, H, Dh] slab is transposed into a copy per layer and token). A call that brings T
-new tokens writes their keys/values at slots `cache_index .. cache_index + T - 1` (one scalar index
-for the whole batch: rows are left-padded, and the padding mask hides the unused slots).
+attention matmuls (a [B, S, H, Dh] slab is transposed into a copy per layer and token). A call
+that brings T new tokens writes their keys/values at slots `cache_index .. cache_index + T - 1`
+(one scalar index for the whole batch: rows are left-padded, and the padding mask hides the
+unused slots).
 
 The layer stack carries the whole buffer from layer to layer (a scan *carry*, not scanned xs/ys)
 and each layer writes its slice with one `dynamic_update_slice` on it: XLA then updates the

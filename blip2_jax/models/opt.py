@@ -229,8 +229,9 @@ class OPTForCausalLM(nn.Module):
                  deterministic: bool = True, return_hidden: bool = False):
         """inputs_embeds [B, T, Dw]; attention_mask [B, S] (1 = real key; S = T without a cache,
         the cache length with one); position_ids [B, T] WITHOUT OPT's +2 offset (left pads may
-        be -1 or 0, their rows are never read); cache from `init_cache`, cache_index: scalar
-        int, the slot of the first of the T new tokens.
+        be -1 or 0, their rows are never read); cache from `init_cache` (optionally with a shared
+        prompt prefix, `kv_cache.with_prefix`: then slots and the mask count the prefix first),
+        cache_index: scalar int, the slot of the first of the T new tokens.
         Returns (logits [B, T, V] float32 — or the hidden state if return_hidden — , new_cache)."""
         hidden, new_cache = self.hidden_states(inputs_embeds, attention_mask, position_ids, cache,
                                                cache_index, deterministic)

@@ -167,7 +167,8 @@ class T5Block(nn.Module):
             cross = T5Attention(cfg, name="cross_attn", **kw)
             h = norm(name="cross_attn_norm")(x)
             if cache is not None and "cross_k" in cache:
-                k, v = kv_cache.layer_slice(cache, "cross_k", layer), kv_cache.layer_slice(cache, "cross_v", layer)
+                k = kv_cache.layer_slice(cache, "cross_k", layer)
+                v = kv_cache.layer_slice(cache, "cross_v", layer)
             else:
                 if encoder_hidden is None:
                     raise ValueError("the decoder needs encoder_hidden (or a cache holding the "
