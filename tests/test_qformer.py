@@ -293,3 +293,30 @@ def test_vit_and_qformer_sharded_on_8_devices():
 
         out = features(pv, pq, jax.device_put(pixels, sharding.batch_sharding(mesh, 4)))
     assert max_diff(out, ref["qformer_query_output"]) <= TOL
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_keeps_outputs_and_gradients(policy):
+    """Stage 1 keeps only Q-Former activations: rematerialised layers must give transformers'
+    outputs and the same gradients of an ITM-pass loss as stored activations."""
+    cfg, variables, ref = itm_case()
+    image = ref["vision_last_hidden_state"]
+    ids, mask = ref["input_ids"][:len(image)], ref["attention_mask"][:len(image)]
+
+    def loss(model, params):
+        mm = model.apply({"params": params}, image, ids, mask, method="multimodal_features",
+                         deterministic=True)
+        q = model.apply({"params": params}, image, method="query_features")
+        return jnp.sum(mm ** 2) + jnp.sum(jnp.sin(q))
+
+    plain, rematted = model_of(cfg), model_of(cfg, remat_policy=policy)
+    out = jax.jit(functools.partial(rematted.apply, method="query_features"))(variables, image)
+    assert max_diff(out, ref["qformer_query_output"]) <= TOL
+    want = jax.jit(jax.grad(functools.partial(loss, plain)))(variables["params"])
+    got = jax.jit(jax.grad(functools.partial(loss, rematted)))(variables["params"])
+    # float32 round-off of the recomputed forward, relative to the gradients' scale (some leaves,
+    # e.g. key biases, have mathematically zero gradients: there only round-off is left)
+    scale = max(float(np.max(np.abs(w))) for w in jax.tree.leaves(want))
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert max_diff(g, w) <= 1e-6 * scale, (max_diff(g, w), scale)
+    assert jax.tree.structure(want) == jax.tree.structure(got)

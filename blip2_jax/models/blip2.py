@@ -44,7 +44,7 @@ class Blip2(nn.Module):
         self.qformer = QFormer(c.qformer, num_query_tokens=c.num_query_tokens,
                                image_text_hidden_size=c.image_text_hidden_size,
                                with_lm_head=self.qformer_lm_head and c.qformer.use_qformer_text_input,
-                               dtype=jnp.float32, param_dtype=jnp.float32)
+                               dtype=jnp.float32, param_dtype=jnp.float32, remat_policy=self.remat_policy)
         if c.text is not None:
             self.language_projection = layers.Dense(c.text.hidden_size, axes=(None, "embed"),
                                                     dtype=jnp.float32, param_dtype=jnp.float32)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax.models.configs import QFormerConfig
-from blip2_jax.models.layers import (NEG_INF, Dense, activation, attention, causal_mask, layer_norm,
+from blip2_jax.models.layers import (NEG_INF, Dense, activation, attention, causal_mask, layer_norm, remat,
                                      logical, merge_heads, padding_mask, precision, split_heads)
 from blip2_jax.sharding import constrain
 
@@ -215,6 +215,7 @@ class QFormer(nn.Module):
     temp_init: float = TEMP_INIT
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"  # per layer, as the towers' (stage 1 keeps only Q-Former activations)
 
     def setup(self):
         cfg = self.config
@@ -226,7 +227,9 @@ class QFormer(nn.Module):
             self.embeddings = TextEmbeddings(cfg, **sub)
         self.layernorm = layer_norm(cfg.layer_norm_eps, **sub)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
-        self.layer = [QFormerLayer(cfg, i, **sub) for i in range(cfg.num_hidden_layers)]
+        # static: query_length and deterministic (argument numbers count `self`)
+        layer = remat(QFormerLayer, self.remat_policy, scan_layers=False, static_argnums=(2, 7))
+        self.layer = [layer(cfg, i, **sub) for i in range(cfg.num_hidden_layers)]
         if cfg.use_qformer_text_input:
             e = self.image_text_hidden_size
             self.vision_proj = Dense(e, ("embed", None), **sub)
