@@ -55,6 +55,7 @@ def base(task: str, preset: str | None) -> ml_collections.ConfigDict:
     c.losses = ml_collections.ConfigDict(dict(
         itc_label_smoothing=0.1, itg_label_smoothing=0.1, same_image_positives=False,
         itc_weight=1.0, itm_weight=1.0, itg_weight=1.0, lm_label_smoothing=0.0,
+        lm_loss_tokens=0,  # > 0: LM head at each row's first K labelled positions only
         question_to_qformer=False))
     c.input = pipeline.default_input_config()
     # None-valued fields become typed placeholders so `--config.input.data_dir=...` works.

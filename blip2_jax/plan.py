@@ -33,6 +33,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology (v5e:4x4) or sli
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB (default: the chip's HBM).")
 _SUGGEST = flags.DEFINE_bool("suggest", True, "When the step does not fit, search for a setting that does.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the markdown table of the paper's configurations.")
+_SLICES = flags.DEFINE_list("slices", ["v4-32", "v5e-16", "v5p-8"], "With --table: the slices to plan for.")
 _COMPILE = flags.DEFINE_bool("compile", True, "Compile with XLA (minutes per setting for large models); "
                              "--nocompile traces only and estimates (seconds).")
 
@@ -292,22 +293,23 @@ def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "", 
 
 
 def step_flops(config) -> float:
-    """FLOPs of one train step (the whole batch, all devices together): XLA's HLO cost
-    analysis of the step traced with unrolled layers and without the accumulation loop, on
-    this host's default backend. (Cost analysis counts a loop body once, so the scanned
-    program, compiled or not, would miss all but one layer of every stack.)"""
-    import jax
-
-    from blip2_jax import sharding
+    """FLOPs of one train step (the whole batch, all devices together): the trainer's count,
+    XLA's cost analysis of the step traced with unrolled layers (`main.unrolled_step_flops`),
+    once per model (the search varies only the mesh)."""
+    from blip2_jax import tasks
+    from blip2_jax.weights import init as init_lib
 
     c = config.copy_and_resolve_references()
     with c.unlocked():
-        c.model.scan_layers, c.grad_accum_steps, c.mesh_shape = False, 1, (1, 1, 1)
-    step, args, _ = abstract_step_inputs(c, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
-    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-    cost = jax.jit(step).lower(*plain).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
+        c.mesh_shape, c.grad_accum_steps = (1, 1, 1), 1
+    key = c.to_json_best_effort(sort_keys=True)
+    if key not in _FLOPS:
+        task = tasks.get(c.task, init_lib.build_model(c.model)[0], c)
+        _FLOPS[key] = trainer.unrolled_step_flops(c, batch_shapes(c, task, int(c.input.batch_size)))
+    return _FLOPS[key]
+
+
+_FLOPS: dict[str, float] = {}
 
 
 def _compile_oom(message: str) -> tuple[int, int] | None:
@@ -434,7 +436,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _TABLE.value:
-        print(paper_table(compile=_COMPILE.value))
+        print(paper_table(topologies=tuple(_SLICES.value), compile=_COMPILE.value))
         return
     if _CONFIG.value is None or not _TOPOLOGY.value:
         print("error: --config and --topology are required (or --table)", file=sys.stderr)

@@ -170,8 +170,11 @@ def test_traced_estimate_is_near_the_compiled_plan(cpu8, data_parallel):
     for field in ("trainable_bytes", "frozen_bytes", "optimizer_bytes", "activation_bytes"):
         assert getattr(est, field) == getattr(data_parallel, field)
     np.testing.assert_allclose(est.flops, data_parallel.flops, rtol=0.1)
-    # gradients + kept activations: XLA's other temporaries are missing, so it is a lower bound
-    assert 0.5 * data_parallel.peak_bytes < est.peak_bytes <= data_parallel.peak_bytes
+    # gradients + kept activations: XLA's other temporaries (on this CPU backend, e.g. the
+    # backward's cotangents and unfused buffers) are missing, so it is a lower bound, which is
+    # what the search relies on (it compiles to confirm)
+    assert est.peak_bytes <= data_parallel.peak_bytes
+    assert est.peak_bytes > est.argument_bytes + est.activation_bytes
     assert "estimate" in plan_lib.describe(est) and "estimate" in plan_lib.table_row("x", est)
 
 
