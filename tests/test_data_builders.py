@@ -152,6 +152,7 @@ def test_gqa_balanced(tmp_path):
     rows = _read("gqa_balanced", "testdev", tmp_path / "tfds")
     assert [r["image_id"] for r in rows] == [2354786, 1_000_161_313]
     assert [r["question_id"] for r in rows] == [5451384, 201307251]
+    assert [r["question_key"].decode() for r in rows] == ["05451384", "201307251"]
     assert _texts(rows[1]["answers"]) == ["yes"]
     assert rows[1]["full_answer"].decode() == "Yes, it is red."
 

@@ -133,7 +133,7 @@ def test_okvqa_lemmatises_predictions(tmp_path):
 def test_gqa_exact_match_and_submission_format(tmp_path):
     manual = tmp_path / "gqa"
     qs = {"201307251": {"imageId": "n161313", "question": "Is it red?", "answer": "yes"},
-          "5451384": {"imageId": "2354786", "question": "What is it?", "answer": "cat"},
+          "05451384": {"imageId": "2354786", "question": "What is it?", "answer": "cat"},
           "1234": {"imageId": "2354786", "question": "What color?", "answer": "red"}}
     for q in qs.values():
         _write(manual / "images" / f"{q['imageId']}.jpg", _jpeg(len(q["imageId"])))
@@ -145,7 +145,7 @@ def test_gqa_exact_match_and_submission_format(tmp_path):
     assert results == {"accuracy": pytest.approx(200 / 3)}  # punctuation and articles go
     preds = _read(tmp_path / "out" / "vqa_gqa_balanced_testdev_predictions.json")
     assert {p["questionId"]: p["prediction"] for p in preds} == {
-        "201307251": "Yes.", "5451384": "a cat", "1234": "blue"}
+        "201307251": "Yes.", "05451384": "a cat", "1234": "blue"}  # ids as GQA writes them
 
 
 # ------------------------------------------------------------------------------ captions

@@ -33,7 +33,7 @@ Local batch (numpy, leading axis = global batch_size / process_count):
     opt_vqa_prompt/t5_vqa_prompt  the same with `vqa_prompt` filled with the question
     VQA processors add the question as qformer_* fields (the paper's VQA fine-tuning).
   eval only, host-side Python lists of length B (None on padding):
-    texts (reference captions), question, answers, question_id
+    texts (reference captions), question, answers, question_id, question_key
 `make_global_batch(local_batch, mesh)` turns the arrays into global jax.Arrays split over the
 mesh's ("data", "fsdp") axes and passes the host-side lists through.
 """
@@ -56,7 +56,7 @@ from blip2_jax.data.stats import STATS_KEY, DataStats, Skipped
 from blip2_jax.data.tokenizers import load_tokenizer
 from blip2_jax.sharding import batch_sharding
 
-HOST_KEYS = ("texts", "question", "answers", "question_id")
+HOST_KEYS = ("texts", "question", "answers", "question_id", "question_key")
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -205,6 +205,8 @@ class ExampleProcessor:
             out["answers"] = ([_str(a) for a in rec["answers"]] if "answers" in rec
                               else [texts["answer"]] if texts.get("answer") else [])
             out["question_id"] = int(rec.get("question_id", -1))
+            # the id as the corpus writes it (GQA's have leading zeros), for submission files
+            out["question_key"] = _str(rec["question_key"]) if "question_key" in rec else None
         return out
 
 

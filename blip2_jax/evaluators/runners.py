@@ -332,10 +332,13 @@ class VqaEvaluator(Evaluator):
                        for q in batch["question"]]
             answers = predictor.generate(batch["image"], prompts, max_prompt_len=c.max_prompt_len,
                                          **options)
+            written = batch.get("question_key") or [None] * len(batch["question_id"])
             for i in rows:
-                qid = batch["question_id"][i]
-                # synthetic_shapes has one question per image and no question ids
-                key = int(qid) if qid is not None and qid >= 0 else int(batch["image_id"][i])
+                qid, as_written = batch["question_id"][i], written[i]
+                # synthetic_shapes has one question per image and no question ids; GQA's ids are
+                # strings with leading zeros
+                key = (as_written if c.metric == "gqa" and as_written else
+                       int(qid) if qid is not None and qid >= 0 else int(batch["image_id"][i]))
                 records.append((key, answers[i].strip(), list(batch["answers"][i] or [])))
         records = gather_objects(records)
         preds = {k: a for k, a, _ in records}

@@ -118,6 +118,8 @@ class GqaBalanced(ManualBuilder):
     """GQA balanced: train / validation / testdev, one answer (+ the full-sentence answer)."""
 
     name = "gqa_balanced"
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "question_key: the question id string as GQA writes it (leading zeros)."}
     HOMEPAGE = "https://cs.stanford.edu/people/dorarad/gqa/"
     SPLITS = {"train": "train_balanced_questions.json",
               "validation": "val_balanced_questions.json",
@@ -128,10 +130,10 @@ manual_dir/
                                                 {"imageId", "question", "answer", "fullAnswer"}}
   images/<imageId>.jpg                          the GQA images
 A split is built when its questions file is present. Image ids: numeric names as is,
-'n123' -> 1000000123."""
+'n123' -> 1000000123. Question ids: `question_id` as an integer, `question_key` as written."""
 
     def _features(self):
-        return vqa_features(full_answer=tfds.features.Text())
+        return vqa_features(full_answer=tfds.features.Text(), question_key=tfds.features.Text())
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)
@@ -149,6 +151,7 @@ A split is built when its questions file is present. Image ids: numeric names as
                 "image_id": image_id_from_name(q["imageId"]),
                 "file_name": rel,
                 "question_id": int(qid),
+                "question_key": qid,  # submissions use the string: int() drops leading zeros
                 "question": q["question"],
                 "answers": [q["answer"]] if "answer" in q else [],
                 "full_answer": q.get("fullAnswer", ""),
