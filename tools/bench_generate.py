@@ -30,6 +30,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "tests" / "golden" / "blip2_opt"
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from torch_child import JsonLineChild, torch_env  # noqa: E402  (next to this script)
 
 # vision (image, patch, hidden, layers, heads, mlp), Q-Former (hidden, layers, heads, ffn, queries),
 # OPT (hidden, layers, heads, ffn); every OPT vocabulary is the real 50272-row one.
@@ -122,37 +123,20 @@ else:
 
 def torch_create(python: str, workdir: str, spec: dict):
     proc = subprocess.run([python, _script(workdir), "create", workdir, json.dumps(spec)], capture_output=True,
-                          text=True, env=_torch_env(), check=False)
+                          text=True, env=torch_env(), check=False)
     if proc.returncode != 0:
         sys.exit(f"the PyTorch side failed to create the checkpoints:\n{proc.stderr[-4000:]}")
 
 
-class TorchServer:
-    """The PyTorch side as a child process timing one `generate` per request, so that the two
-    sides alternate run by run and see the same machine load."""
+class TorchServer(JsonLineChild):
+    """The PyTorch side as a child process timing one `generate` per request."""
 
     def __init__(self, python: str, workdir: str, spec: dict, omp_wait: str):
-        self.proc = subprocess.Popen([python, _script(workdir), "serve", workdir, json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=_torch_env(omp_wait))
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            sys.exit(f"the PyTorch side exited (code {self.proc.wait()})")
-        return json.loads(line)
+        super().__init__([python, _script(workdir), "serve", workdir, json.dumps(spec)], torch_env(omp_wait))
 
     def run(self, name: str, label: str, new_tokens: int | None = None) -> dict:
         extra = "" if new_tokens is None else f" {new_tokens}"
-        self.proc.stdin.write(f"{name} {label}{extra}\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self):
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
-        self.proc.wait()
+        return self.request(f"{name} {label}{extra}")
 
 
 def _script(workdir: str) -> str:
@@ -161,15 +145,6 @@ def _script(workdir: str) -> str:
         with open(script, "w") as f:
             f.write(TORCH_SIDE)
     return script
-
-
-def _torch_env(omp_wait: str = "passive") -> dict:
-    env = dict(os.environ, TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    if omp_wait == "passive":
-        # OpenMP's default spin-waiting collapses (10-30x) when other processes share the cores;
-        # sleeping waits keep the reference's timings meaningful on a shared machine.
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return env
 
 
 class OurSide:

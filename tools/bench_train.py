@@ -38,7 +38,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from torch_child import JsonLineChild, torch_env  # noqa: E402  (next to this script)
 
 # vision (image, patch, hidden, layers, heads, mlp), Q-Former (hidden, layers, heads, ffn, queries,
 # cross-attention every n layers), OPT (hidden, layers, heads, ffn, vocab)
@@ -142,40 +142,21 @@ for line in sys.stdin:
 '''
 
 
-class TorchSide:
+class TorchSide(JsonLineChild):
     """The reference in a child interpreter: one timed training step per request."""
 
     def __init__(self, python: str, spec: dict, workdir: str):
         script = os.path.join(workdir, "torch_train_side.py")
         with open(script, "w") as f:
             f.write(TORCH_SIDE)
-        # OpenMP's spin-waiting collapses when other processes share the cores (see bench_generate).
-        env = dict(os.environ, TRANSFORMERS_NO_ADVISORY_WARNINGS="1", OMP_WAIT_POLICY="PASSIVE")
-        self.proc = subprocess.Popen([python, script, json.dumps(spec)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            sys.exit(f"the PyTorch side exited (code {self.proc.wait()})")
-        return json.loads(line)
+        super().__init__([python, script, json.dumps(spec)], torch_env())
 
     def step(self, name: str) -> float:
-        self.proc.stdin.write(name + "\n")
-        self.proc.stdin.flush()
-        return self._read()["seconds"]
+        return self.request(name)["seconds"]
 
     def peak(self) -> dict:
         """{"float32": FLOP/s, "bfloat16": FLOP/s} of torch's matmul."""
-        self.proc.stdin.write("peak\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self):
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
-        self.proc.wait()
+        return self.request("peak")
 
 
 def train_config(c: dict, task: str, batch: int, text_len: int, dtype: str = "float32",
