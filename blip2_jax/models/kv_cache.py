@@ -98,17 +98,11 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None = None, bias: Array 
     copies of it); `prefix` = (keys, values) [B'', H, P, D] placed before k, v (B' a multiple
     of B''). mask bool / bias additive, broadcastable to [B', H, Tq, P + S].
     Returns [B', Tq, H, D] in q's dtype."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     prec = layers.precision(q.dtype)
     logits = _group_logits(q, k, prec)
     if prefix is not None:
         logits = jnp.concatenate([_group_logits(q, prefix[0], prec), logits], axis=-1)
-    logits = logits * scale
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, layers.NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = layers.attention_probs(logits, q.shape[-1], mask, bias, scale).astype(v.dtype)
     if prefix is None:
         return _group_weighted(probs, v, prec).astype(q.dtype)
     p = prefix[1].shape[2]

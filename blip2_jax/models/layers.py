@@ -98,16 +98,22 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None, bias: Arr
     (True = may attend); bias: additive float, broadcastable to [B, H, Tq, Tk].
     `scale` defaults to D**-0.5 (T5 passes 1.0). Returns [B, Tq, H, D] in q's dtype.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     prec = precision(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=prec,
-                        preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=prec, preferred_element_type=jnp.float32)
+    probs = attention_probs(logits, q.shape[-1], mask, bias, scale).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=prec)
+
+
+def attention_probs(logits: Array, head_dim: int, mask: Array | None = None, bias: Array | None = None,
+                    scale: float | None = None) -> Array:
+    """float32 logits [B, H, Tq, Tk] -> float32 softmax probabilities: scaled (default
+    head_dim**-0.5), plus `bias`, masked (`mask` True = may attend)."""
+    logits = logits * (head_dim ** -0.5 if scale is None else scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=prec)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def padding_mask(key_mask: Array) -> Array:

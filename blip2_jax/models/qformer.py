@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax.models.configs import QFormerConfig
-from blip2_jax.models.layers import (NEG_INF, Dense, activation, attention, causal_mask, layer_norm, remat,
-                                     logical, merge_heads, padding_mask, precision, split_heads)
+from blip2_jax.models.layers import (Dense, activation, attention, attention_probs, causal_mask, layer_norm,
+                                     logical, merge_heads, padding_mask, precision, remat, split_heads)
 from blip2_jax.sharding import constrain
 
 Dtype = Any
@@ -81,11 +81,8 @@ class QFormerAttention(nn.Module):
             ctx = attention(q, k, v, mask)
         else:  # BERT drops attention probabilities (whole keys per query)
             prec = precision(q.dtype)
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=prec,
-                                preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-            if mask is not None:
-                logits = jnp.where(mask, logits, NEG_INF)
-            probs = nn.Dropout(rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=prec, preferred_element_type=jnp.float32)
+            probs = nn.Dropout(rate)(attention_probs(logits, q.shape[-1], mask), deterministic=False)
             ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=prec)
         out = dense(axes=("heads", "embed"), name="dense")(merge_heads(ctx))
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
