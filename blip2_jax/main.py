@@ -317,6 +317,35 @@ def _count(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
 
 
+def abstract_train_state(config, mesh=None):
+    """(task, schedule, state, frozen) as `create_state` makes them, but ShapeDtypeStructs:
+    nothing is allocated. With `mesh`, each carries the sharding the trainer gives it."""
+    import jax
+
+    from blip2_jax import optim, sharding, tasks, train_state
+    from blip2_jax.weights import init as init_lib
+
+    def with_shardings(tree, shardings):
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+
+    model, model_cfg = init_lib.build_model(config.model)
+    task = tasks.get(config.task, model, config)
+    boxed = init_lib.abstract_params(model, model_cfg)
+    params = sharding.unbox(boxed)
+    if mesh is not None:
+        params = with_shardings(params, sharding.param_shardings(boxed, mesh))
+    trainable, frozen = train_state.split_params(params, list(config.frozen_patterns))
+    dtype = config.model.get("frozen_param_dtype", "bfloat16")
+    cast = jax.eval_shape(lambda f: train_state.cast_frozen(f, dtype), frozen)
+    if mesh is not None:
+        cast = with_shardings(cast, jax.tree.map(lambda x: x.sharding, frozen))
+    tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
+    state = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), trainable)
+    if mesh is not None:
+        state = with_shardings(state, state_shardings(tx, trainable, mesh))
+    return task, schedule, state, cast
+
+
 def unrolled_step_flops(config, batch) -> float:
     """FLOPs of one train step over the whole `batch` (arrays or ShapeDtypeStructs): XLA's
     cost analysis of the step traced with unrolled layers and no accumulation loop (it counts a
@@ -324,24 +353,14 @@ def unrolled_step_flops(config, batch) -> float:
     allocated or compiled."""
     import jax
 
-    from blip2_jax import optim, sharding, tasks, train_state
-    from blip2_jax.weights import init as init_lib
-
     c = config.copy_and_resolve_references()
     with c.unlocked():
         c.model.scan_layers, c.grad_accum_steps = False, 1
-    model, model_cfg = init_lib.build_model(c.model)
-    task = tasks.get(c.task, model, c)
-    params = sharding.unbox(init_lib.abstract_params(model, model_cfg))
-    trainable, frozen = train_state.split_params(params, list(c.frozen_patterns))
-    frozen = jax.eval_shape(lambda f: train_state.cast_frozen(f, c.model.get("frozen_param_dtype", "bfloat16")),
-                            frozen)
-    tx, schedule = optim.make_optimizer(c.optim, trainable), optim.make_schedule(c.optim)
-    state = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), trainable)
-    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                         (state, frozen, {k: batch[k] for k in task.batch_keys}))
+    task, schedule, state, frozen = abstract_train_state(c)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    cost = jax.jit(make_train_step(task, schedule)).lower(*plain, rng).cost_analysis()
+    lowered = jax.jit(make_train_step(task, schedule)).lower(
+        state, frozen, {k: jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype) for k in task.batch_keys}, rng)
+    cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
 

@@ -33,7 +33,6 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology (v5e:4x4) or sli
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB (default: the chip's HBM).")
 _SUGGEST = flags.DEFINE_bool("suggest", True, "When the step does not fit, search for a setting that does.")
 _TABLE = flags.DEFINE_bool("table", False, "Print the markdown table of the paper's configurations.")
-_SLICES = flags.DEFINE_list("slices", ["v4-32", "v5e-16", "v5p-8"], "With --table: the slices to plan for.")
 _COMPILE = flags.DEFINE_bool("compile", True, "Compile with XLA (minutes per setting for large models); "
                              "--nocompile traces only and estimates (seconds).")
 
@@ -62,6 +61,7 @@ PAPER_CONFIGS = (("stage 1, ViT-g", "configs/stage1_pretrain.py", "vitg"),
                  ("ViT-g + FlanT5-XL", "configs/stage2_t5.py", "xl"),
                  ("ViT-g + FlanT5-XXL", "configs/stage2_t5.py", "xxl"))
 PAPER_TOPOLOGIES = ("v4-32", "v5e-16", "v5p-8")
+_SLICES = flags.DEFINE_list("slices", list(PAPER_TOPOLOGIES), "With --table: the slices to plan for.")
 
 
 @dataclasses.dataclass
@@ -163,11 +163,6 @@ def batch_shapes(config, task, batch: int) -> dict:
     return out
 
 
-def _with_sharding(tree, shardings):
-    import jax
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
     import jax
@@ -184,23 +179,11 @@ def abstract_step_inputs(config, mesh):
     trainer's own functions, with ShapeDtypeStructs instead of arrays (nothing allocated)."""
     import jax
 
-    from blip2_jax import optim, sharding, tasks, train_state
-    from blip2_jax.weights import init as init_lib
+    from blip2_jax import sharding
 
-    model, model_cfg = init_lib.build_model(config.model)
-    task = tasks.get(config.task, model, config)
-    boxed = init_lib.abstract_params(model, model_cfg)
-    params = _with_sharding(sharding.unbox(boxed), sharding.param_shardings(boxed, mesh))
-    trainable, frozen = train_state.split_params(params, list(config.frozen_patterns))
-    dtype = init_lib.dtype(config.model.get("frozen_param_dtype", "bfloat16"))
-    cast = jax.eval_shape(lambda f: train_state.cast_frozen(f, dtype), frozen)
-    frozen = _with_sharding(cast, jax.tree.map(lambda x: x.sharding, frozen))
-    tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
-    state_sh = trainer.state_shardings(tx, trainable, mesh)
-    state = _with_sharding(jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), trainable), state_sh)
-    batch = _with_sharding(batch_shapes(config, task, int(config.input.batch_size)),
-                           {k: sharding.batch_sharding(mesh, len(v.shape))
-                            for k, v in batch_shapes(config, task, 1).items()})
+    task, schedule, state, frozen = trainer.abstract_train_state(config, mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, len(v.shape)))
+             for k, v in batch_shapes(config, task, int(config.input.batch_size)).items()}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     step = trainer.make_train_step(task, schedule, int(config.get("grad_accum_steps", 1)))
     return step, (state, frozen, batch, rng), task
@@ -255,10 +238,10 @@ def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "", 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(sharding.RULES):
         acts = activation_bytes(task, state, frozen, batch, rng, accum, shards)
         t0 = time.time()
-        lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch, rng)
         source, oom = "estimate", None
         if compile:
             try:
+                lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch, rng)
                 compiled, source = lowered.compile(), "compiled"
             except jax.errors.JaxRuntimeError as e:
                 oom, source = _compile_oom(str(e)), "oom"
