@@ -243,13 +243,12 @@ def read_predictions(output_dir: str) -> dict:
 def test_questions(data_dir: str, split: str) -> list[dict]:
     """The held-out scenes as the VQA evaluator sees them: one question per image (the pipeline
     picks question `image_id % n`), its answer and type, the reference captions."""
-    from blip2_jax import unimodal
     from blip2_jax.data import pipeline
     from blip2_jax.data import text as text_lib
     ic = pipeline.default_input_config()
     ic.dataset, ic.split, ic.data_dir = "synthetic_shapes", split, data_dir
     source = pipeline.load_source(ic)
-    dec = unimodal.as_text
+    dec = text_lib.as_text
     rows = []
     for i in range(len(source)):
         r = source[i]

@@ -62,11 +62,6 @@ IGNORE = text_lib.IGNORE
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-def as_text(x) -> str:
-    """A TFDS text field (bytes or str) as str."""
-    return x.decode("utf-8", "replace") if isinstance(x, (bytes, np.bytes_)) else str(x)
-
-
 # ------------------------------------------------------------------------------------- corpus
 def read_scenes(dataset: str, split: str, data_dir: str | None, image_size: int | None = None) -> dict:
     """One split of synthetic_shapes as arrays and texts.
@@ -82,11 +77,11 @@ def read_scenes(dataset: str, split: str, data_dir: str | None, image_size: int 
     out = {"captions": [], "qa": [], "targets": [], "background": [], "images": []}
     for i in range(len(source)):
         rec = source[i]
-        out["captions"].append([text_lib.normalize_caption(as_text(c)) for c in rec["captions"]])
-        out["qa"].append([(text_lib.normalize_question(as_text(q)), as_text(a).strip())
+        out["captions"].append([text_lib.normalize_caption(text_lib.as_text(c)) for c in rec["captions"]])
+        out["qa"].append([(text_lib.normalize_question(text_lib.as_text(q)), text_lib.as_text(a).strip())
                           for q, a in zip(rec["qa_questions"], rec["qa_answers"])])
         out["targets"].append(attribute_targets(rec["objects"]))
-        out["background"].append(BACKGROUND_CLASSES.index(as_text(rec["background"])))
+        out["background"].append(BACKGROUND_CLASSES.index(text_lib.as_text(rec["background"])))
         if image_size:
             img, _ = transforms.decode(rec["image"])
             out["images"].append(transforms.normalize(transforms.eval_image(img, image_size)))
@@ -102,8 +97,8 @@ def attribute_targets(objects: dict) -> np.ndarray:
     for shape, colour, size, row, col in zip(objects["shape"], objects["colour"], objects["size"],
                                             objects["row"], objects["col"]):
         cell = int(row) * shapes.GRID + int(col)
-        t[cell] = (SHAPE_CLASSES.index(as_text(shape)), COLOUR_CLASSES.index(as_text(colour)),
-                   SIZE_CLASSES.index(as_text(size)))
+        t[cell] = (SHAPE_CLASSES.index(text_lib.as_text(shape)), COLOUR_CLASSES.index(text_lib.as_text(colour)),
+                   SIZE_CLASSES.index(text_lib.as_text(size)))
     return t
 
 

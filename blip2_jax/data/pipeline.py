@@ -102,10 +102,6 @@ def default_input_config() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------ one example
-def _str(x) -> str:
-    return x.decode("utf-8", "replace") if isinstance(x, (bytes, np.bytes_)) else str(x)
-
-
 def _swap_left_right(s: str) -> str:
     return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", s)
 
@@ -154,19 +150,19 @@ class ExampleProcessor:
             if "captions" not in rec:
                 raise ValueError(f"text_processor {self.cfg.text_processor!r} needs captions; "
                                  f"{self.cfg.dataset} has fields {sorted(rec)}")
-            caps = [text_lib.normalize_caption(_str(c), mw) for c in rec.get("captions", [])]
+            caps = [text_lib.normalize_caption(text_lib.as_text(c), mw) for c in rec.get("captions", [])]
             caps = [c for c in caps if c]
             if not caps:
                 return Skipped("empty_caption")
             return {"caption": caps[int(rng.integers(len(caps)))] if self.train else caps[0]}
         if "question" in rec:
-            question = _str(rec["question"])
-            answers = [_str(a).strip() for a in rec.get("answers", [])]
+            question = text_lib.as_text(rec["question"])
+            answers = [text_lib.as_text(a).strip() for a in rec.get("answers", [])]
         elif "qa_questions" in rec:  # synthetic_shapes: several QA pairs per image
             n = len(rec["qa_questions"])
             i = int(rng.integers(n)) if self.train else int(rec["image_id"]) % max(n, 1)
-            question = _str(rec["qa_questions"][i]) if n else ""
-            answers = [_str(rec["qa_answers"][i])] if n else []
+            question = text_lib.as_text(rec["qa_questions"][i]) if n else ""
+            answers = [text_lib.as_text(rec["qa_answers"][i])] if n else []
         else:
             raise ValueError(f"text_processor {self.cfg.text_processor!r} needs questions; "
                              f"{self.cfg.dataset} has fields {sorted(rec)}")
@@ -199,14 +195,14 @@ class ExampleProcessor:
         if note:
             out[STATS_KEY] = note
         if not self.train:
-            out["texts"] = [_str(c) for c in rec.get("captions", [])]
-            out["question"] = _str(rec["question"]) if "question" in rec else texts.get(
+            out["texts"] = [text_lib.as_text(c) for c in rec.get("captions", [])]
+            out["question"] = text_lib.as_text(rec["question"]) if "question" in rec else texts.get(
                 "question")
-            out["answers"] = ([_str(a) for a in rec["answers"]] if "answers" in rec
+            out["answers"] = ([text_lib.as_text(a) for a in rec["answers"]] if "answers" in rec
                               else [texts["answer"]] if texts.get("answer") else [])
             out["question_id"] = int(rec.get("question_id", -1))
             # the id as the corpus writes it (GQA's have leading zeros), for submission files
-            out["question_key"] = _str(rec["question_key"]) if "question_key" in rec else None
+            out["question_key"] = text_lib.as_text(rec["question_key"]) if "question_key" in rec else None
         return out
 
 

@@ -25,6 +25,11 @@ IGNORE = -100  # label of positions the loss skips
 _CAPTION_PUNCT = re.compile(r"([.!\"()*#:;~])")
 
 
+def as_text(x) -> str:
+    """A TFDS text field (bytes or str) as str."""
+    return x.decode("utf-8", "replace") if isinstance(x, (bytes, np.bytes_)) else str(x)
+
+
 def normalize_caption(text: str, max_words: int = 50) -> str:
     """BLIP's `pre_caption`: lower-case, the punctuation .!"()*#:; ~ to spaces, collapse
     whitespace, keep at most `max_words` words."""
