@@ -8,7 +8,8 @@ first use so that `import blip2_jax` stays cheap (no jax, no transformers).
 def load(directory, **kwargs):
     """A transformers-format BLIP-2 directory -> `blip2_jax.inference.Blip2Inference`.
 
-    kwargs: dtype ("float32" | "bfloat16"), mesh (a `sharding.make_mesh` mesh), length_bucket.
+    kwargs: dtype ("float32" | "bfloat16"), mesh (a `sharding.make_mesh` mesh), length_bucket,
+    scan_layers (None: unrolled on CPU, scanned elsewhere).
     """
     from blip2_jax.inference import load as _load
 

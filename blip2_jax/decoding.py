@@ -134,6 +134,17 @@ def _decode_one_per_row(first_logits, cache, step_fn, choose, *, rng, max_new_to
     return jax.lax.while_loop(cond, body, state).tokens
 
 
+def first_argmax(scores: Array) -> Array:
+    """`jnp.argmax` over the last axis (the first index of the maximum; NaN counts as the
+    maximum), as two plain reductions: XLA's CPU backend runs argmax's (value, index) reduction
+    ~2x slower, which shows in the per-token cost of greedy decoding. -> int32 [...]."""
+    nan = jnp.isnan(scores)
+    best = jnp.max(scores, axis=-1, keepdims=True)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, scores == best)
+    idx = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, idx, scores.shape[-1] - 1), axis=-1)
+
+
 def greedy_search(first_logits: Array, cache, step_fn: StepFn, *, max_new_tokens: int,
                   min_new_tokens: int = 0, eos_token_id: int | Sequence[int] | None,
                   pad_token_id: int, repetition_penalty: float = 1.0,
@@ -143,7 +154,7 @@ def greedy_search(first_logits: Array, cache, step_fn: StepFn, *, max_new_tokens
     Stops early once every row has emitted an EOS.
     """
     return _decode_one_per_row(
-        first_logits, cache, step_fn, lambda scores, key: jnp.argmax(scores, axis=-1),
+        first_logits, cache, step_fn, lambda scores, key: first_argmax(scores),
         rng=None, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         repetition_penalty=repetition_penalty, presence=presence)

@@ -42,10 +42,21 @@ DEFAULT_MAX_NEW_TOKENS = 20  # the reference's default when nothing sets a lengt
 ITM_PAIRS_PER_CALL = 64
 
 
-def load(directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8) -> Blip2Inference:
+def load(directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8,
+         scan_layers: bool | None = None) -> Blip2Inference:
     """A transformers-format BLIP-2 directory -> Blip2Inference. `dtype` is the compute/storage
-    dtype of the frozen towers ("float32" or "bfloat16"); the Q-Former stays float32."""
-    return Blip2Inference.from_dir(directory, dtype=dtype, mesh=mesh, length_bucket=length_bucket)
+    dtype of the frozen towers ("float32" or "bfloat16"); the Q-Former stays float32.
+    `scan_layers`: see `default_scan_layers` (None = that default)."""
+    return Blip2Inference.from_dir(directory, dtype=dtype, mesh=mesh, length_bucket=length_bucket,
+                                   scan_layers=scan_layers)
+
+
+def default_scan_layers() -> bool:
+    """Whether inference stacks the towers' layers under one `scan` (TPU/GPU) or keeps one set of
+    weights per layer (CPU). In a scan each layer reads its weights as a slice of the stack; XLA's
+    CPU backend copies that slice before every matmul, which costs about as much as the matmul
+    itself when decoding (weight-bound), so CPU inference unrolls the layers (longer compile)."""
+    return jax.default_backend() != "cpu"
 
 
 def load_tokenizer(directory: str):
@@ -109,8 +120,10 @@ class Blip2Inference:
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8):
+    def from_dir(cls, directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8,
+                 scan_layers: bool | None = None):
         directory = os.fspath(directory)
+        scan = default_scan_layers() if scan_layers is None else bool(scan_layers)
         cfg, raw = hf.read_config(directory)
         dt = init.dtype(dtype) if isinstance(dtype, str) else jnp.dtype(dtype)
         tokenizer = load_tokenizer(directory)
@@ -120,8 +133,8 @@ class Blip2Inference:
         if cfg.text is not None and os.path.exists(path):
             with open(path) as f:
                 gen_cfg = json.load(f)
-        _, params = hf.load(directory, frozen_dtype=None if dt == jnp.float32 else dt)
-        model = Blip2(cfg, vision_dtype=dt, text_dtype=dt)
+        _, params = hf.load(directory, frozen_dtype=None if dt == jnp.float32 else dt, scan_layers=scan)
+        model = Blip2(cfg, vision_dtype=dt, text_dtype=dt, scan_layers=scan)
         if mesh is None:
             params = jax.device_put(params)
         else:

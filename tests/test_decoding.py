@@ -312,6 +312,18 @@ def test_greedy_matches_argmax_loop_with_eos_list():
     np.testing.assert_array_equal(ours, ref)
 
 
+def test_first_argmax_equals_argmax():
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(6, 1000)) * 2).astype(np.float32)  # many ties
+    x[1, :] = -np.inf
+    x[2, [3, 700]] = np.nan
+    x[3, 5], x[3, 9] = np.inf, np.nan
+    x[4, 10:] = x[4].max() + 1
+    want = np.argmax(x, axis=-1)  # numpy and jnp.argmax agree: first max, NaN wins
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(x, axis=-1)), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(decoding.first_argmax)(x)), want)
+
+
 def test_loop_traces_model_once():
     # No per-token Python dispatch: step_fn is traced a fixed number of times, whatever max_new.
     stub = random_stub(30, split_axes=False)

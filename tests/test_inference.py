@@ -129,9 +129,10 @@ def test_option_and_prompt_errors(opt_model):
 
 
 def test_sharded_model_gives_the_reference_tokens():
-    """Params sharded over a (data 1, fsdp 2, tensor 4) mesh of the 8 test devices."""
+    """Params sharded over a (data 1, fsdp 2, tensor 4) mesh of the 8 test devices, layers
+    scanned as on TPU (the golden tests above run the CPU default, unrolled layers)."""
     ref, _, photos = load_case("blip2_opt")
-    model = blip2_jax.load(GOLDEN / "blip2_opt", mesh=sharding.make_mesh((1, 2, 4)))
+    model = blip2_jax.load(GOLDEN / "blip2_opt", mesh=sharding.make_mesh((1, 2, 4)), scan_layers=True)
     kernel = model.params["language_model"]["layers"]["fc1"]["kernel"]
     assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
     case = next(c for c in ref["generate"] if c["name"] == "beam3")
@@ -142,8 +143,10 @@ def test_sharded_model_gives_the_reference_tokens():
 def test_bfloat16_towers():
     model = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16")
     p = model.params
-    assert p["vision_model"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
-    assert p["language_model"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    # on CPU the layers are unrolled by default: one set of weights per layer, no stacked axis
+    assert "layers" not in p["language_model"] and "layers" not in p["vision_model"]
+    assert p["vision_model"]["layers_0"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert p["language_model"]["layers_1"]["fc1"]["kernel"].dtype == jnp.bfloat16
     assert p["qformer"]["query_tokens"].dtype == jnp.float32  # the Q-Former stays float32
     ids = model.generate_ids([np.zeros((32, 32, 3), np.uint8)], None, max_new_tokens=3)
     assert len(ids) == 1 and 1 <= len(ids[0]) <= 3
