@@ -12,6 +12,8 @@ pixel values, caption without a prompt, and generate exactly `--new-tokens` toke
 (min_new_tokens = max_new_tokens, so EOS never ends a row early). Timings exclude the first call
 (our compilation, their warm-up; ours reported as "1st call") and take the best of `--repeats`.
 tokens/s = batch x new tokens / seconds (beam search counts the returned sequence, not the beams).
+Each `--dtypes` row runs both sides' frozen towers in that precision (the reference loaded with
+`dtype=torch.bfloat16` for the bfloat16 rows; both keep the Q-Former in float32).
 """
 from __future__ import annotations
 
@@ -85,23 +87,28 @@ def create(name, c):
                    "image_std": [0.26862954, 0.26130258, 0.27577711]}, f)
 
 def serve():
-    """Answers "<config> <mode>" lines with one timed generate each (JSON), until "quit"."""
+    """Answers "<config> <dtype> <mode> [new tokens]" lines with one timed generate each (JSON),
+    until "quit". bfloat16: transformers' own half-precision load (`dtype=torch.bfloat16`; it
+    keeps the Q-Former and the query tokens in float32, as ours does)."""
     models, pixels = {}, {}
     for name in spec["configs"]:
         d = os.path.join(workdir, name)
-        models[name] = Blip2ForConditionalGeneration.from_pretrained(d, attn_implementation=spec["attn"]).eval()
+        for dtype in spec["dtypes"]:
+            models[name, dtype] = Blip2ForConditionalGeneration.from_pretrained(
+                d, attn_implementation=spec["attn"], dtype=getattr(torch, dtype)).eval()
         pixels[name] = torch.from_numpy(np.load(os.path.join(d, "pixel_values.npy"))).permute(0, 3, 1, 2).contiguous()
     n = spec["new_tokens"]
     print(json.dumps({"torch_threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
     for line in sys.stdin:
         if line.strip() == "quit":
             break
-        name, label, *rest = line.split()
+        name, dtype, label, *rest = line.split()
+        model = models[name, dtype]
         n_new = int(rest[0]) if rest else n
         if label == "image":  # ViT + Q-Former + projection only
             with torch.inference_mode():
                 t = time.perf_counter()
-                models[name].get_image_features(pixel_values=pixels[name])
+                model.get_image_features(pixel_values=pixels[name])
                 seconds = time.perf_counter() - t
             print(json.dumps({"seconds": seconds, "tokens": []}), flush=True)
             continue
@@ -109,7 +116,7 @@ def serve():
         kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, num_beams=beams, do_sample=False)
         with torch.inference_mode():
             t = time.perf_counter()
-            seqs = models[name].generate(pixel_values=pixels[name], **kw)
+            seqs = model.generate(pixel_values=pixels[name], **kw)
             seconds = time.perf_counter() - t
         print(json.dumps({"seconds": seconds, "tokens": seqs[:, -n_new:].tolist()}), flush=True)
 
@@ -134,9 +141,9 @@ class TorchServer(JsonLineChild):
     def __init__(self, python: str, workdir: str, spec: dict, omp_wait: str):
         super().__init__([python, _script(workdir), "serve", workdir, json.dumps(spec)], torch_env(omp_wait))
 
-    def run(self, name: str, label: str, new_tokens: int | None = None) -> dict:
+    def run(self, name: str, dtype: str, label: str, new_tokens: int | None = None) -> dict:
         extra = "" if new_tokens is None else f" {new_tokens}"
-        return self.request(f"{name} {label}{extra}")
+        return self.request(f"{name} {dtype} {label}{extra}")
 
 
 def _script(workdir: str) -> str:
@@ -187,7 +194,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=30)
     p.add_argument("--beams", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtypes", default="float32,bfloat16", help="our frozen towers' dtypes, one row each")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="the frozen towers' dtypes (both sides), one row each")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
     p.add_argument("--torch-omp-wait", default="passive", choices=("passive", "default"),
                    help="OMP_WAIT_POLICY of the PyTorch side (passive: robust on a shared machine)")
@@ -201,7 +208,7 @@ def main():
     if unknown:
         sys.exit(f"unknown config(s) / dtype(s) {unknown}; configs: {', '.join(CONFIGS)}; dtypes: float32, bfloat16")
     spec = dict(configs=names, all=CONFIGS, tokenizer_dir=str(TOKENIZER_DIR), new_tokens=args.new_tokens,
-                beams=args.beams, repeats=args.repeats, attn=args.attn)
+                beams=args.beams, repeats=args.repeats, attn=args.attn, dtypes=dtypes)
     import jax
 
     ours, theirs = {}, {}
@@ -211,9 +218,9 @@ def main():
         server = TorchServer(args.torch_python, workdir, spec, args.torch_omp_wait)
         for name in names:
             for label in ("greedy", "beam"):
-                warm = server.run(name, label)
-                theirs[name, label] = dict(warm, warmup_seconds=warm["seconds"], seconds=float("inf"))
                 for d in dtypes:
+                    warm = server.run(name, d, label)
+                    theirs[name, d, label] = dict(warm, warmup_seconds=warm["seconds"], seconds=float("inf"))
                     ours[name, d, label] = dict(tokens=None, seconds=float("inf"),
                                                 warmup_seconds=sides[name, d].compile_seconds[label])
                 for _ in range(args.repeats):  # alternate: both sides see the same load
@@ -221,8 +228,8 @@ def main():
                         r = sides[name, d].run(label)
                         o = ours[name, d, label]
                         o["seconds"], o["tokens"] = min(o["seconds"], r["seconds"]), r["tokens"]
-                    r = server.run(name, label)
-                    theirs[name, label]["seconds"] = min(theirs[name, label]["seconds"], r["seconds"])
+                        r = server.run(name, d, label)
+                        theirs[name, d, label]["seconds"] = min(theirs[name, d, label]["seconds"], r["seconds"])
         if args.profile:
             profile = {name: _profile(name, {d: sides[name, d] for d in dtypes}, server, args)
                        for name in names}
@@ -231,9 +238,9 @@ def main():
 
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"ours: jax {jax.__version__}; theirs: torch {info['torch']} "
-          f"({info['torch_threads']} threads, OMP wait {args.torch_omp_wait}, {args.attn} attention, float32)")
+          f"({info['torch_threads']} threads, OMP wait {args.torch_omp_wait}, {args.attn} attention)")
     print(f"# batch {args.batch}, {args.new_tokens} new tokens per sequence, beam = {args.beams} beams; best of "
-          f"{args.repeats} alternating runs; dtype = our frozen towers (the Q-Former is float32)")
+          f"{args.repeats} alternating runs; dtype = both sides' frozen towers (the Q-Former is float32)")
     head = (f"{'config':7} {'mode':6} {'dtype':8} {'ours tok/s':>10} {'torch tok/s':>11} {'speedup':>8} "
             f"{'ours s':>7} {'torch s':>8} {'1st call s':>10} {'same ids':>8}")
     print(head)
@@ -241,9 +248,8 @@ def main():
     total = args.batch * args.new_tokens
     for name in names:
         for label in ("greedy", "beam"):
-            t = theirs[name, label]
             for d in dtypes:
-                o = ours[name, d, label]
+                t, o = theirs[name, d, label], ours[name, d, label]
                 same = "yes" if [list(x) for x in o["tokens"]] == t["tokens"] else "no"
                 print(f"{name:7} {label:6} {d:8} {total / o['seconds']:10.1f} {total / t['seconds']:11.1f} "
                       f"{t['seconds'] / o['seconds']:7.2f}x {o['seconds']:7.3f} {t['seconds']:8.3f} "
@@ -253,15 +259,18 @@ def main():
 
 
 def _profile(name: str, ours: dict, server: TorchServer, args) -> dict:
-    """Best-of-repeats seconds of the pieces, alternating sides: {(side, piece): s}; side is a
-    dtype of ours or "torch"; pieces: image, greedy/beam with 1 and with `--new-tokens` tokens."""
+    """Best-of-repeats seconds of the pieces, alternating sides: {(side, piece): s}; side is
+    (dtype, "ours" | "torch"); pieces: image, greedy/beam with 1 and with `--new-tokens` tokens."""
     pieces = [("image", None)] + [(m, n) for m in ("greedy", "beam") for n in (1, args.new_tokens)]
     best: dict = {}
     for label, n in pieces:
-        server.run(name, label, n)  # warm-up
+        for d in ours:
+            server.run(name, d, label, n)  # warm-up
         for _ in range(args.repeats):
-            runs = {d: side.run(label, n) for d, side in ours.items()}
-            runs["torch"] = server.run(name, label, n)
+            runs = {}
+            for d, side in ours.items():
+                runs[d, "ours"] = side.run(label, n)
+                runs[d, "torch"] = server.run(name, d, label, n)
             for side, r in runs.items():
                 best[side, label, n] = min(best.get((side, label, n), float("inf")), r["seconds"])
     return best
@@ -278,13 +287,13 @@ def _print_profile(profile: dict, names, dtypes, args):
     print("-" * len(head))
     for name in names:
         b = profile[name]
-        for side in list(dtypes) + ["torch"]:
+        for side in [(d, who) for d in dtypes for who in ("ours", "torch")]:
             image = b[side, "image", None]
             row = [image]
             for m in ("greedy", "beam"):
                 one, full = b[side, m, 1], b[side, m, n]
                 row += [one - image, (full - one) / max(n - 1, 1)]
-            label = "torch" if side == "torch" else f"ours {side[:4]}"
+            label = f"{side[1]} {side[0][:4]}"
             print(f"{name:7} {label:8} {row[0] * 1e3:8.1f} {row[1] * 1e3:14.1f} {row[2] * 1e3:11.2f} "
                   f"{row[3] * 1e3:12.1f} {row[4] * 1e3:9.2f}")
 
