@@ -128,13 +128,15 @@ def test_option_and_prompt_errors(opt_model):
         opt_model.generate([image, image], ["a", "b", "c"])
 
 
-def test_sharded_model_gives_the_reference_tokens():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_sharded_model_gives_the_reference_tokens(scan_layers):
     """Params sharded over a (data 1, fsdp 2, tensor 4) mesh of the 8 test devices, layers
-    scanned as on TPU (the golden tests above run the CPU default, unrolled layers)."""
+    scanned (as on TPU) or unrolled (the CPU default)."""
     ref, _, photos = load_case("blip2_opt")
-    model = blip2_jax.load(GOLDEN / "blip2_opt", mesh=sharding.make_mesh((1, 2, 4)), scan_layers=True)
-    kernel = model.params["language_model"]["layers"]["fc1"]["kernel"]
-    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
+    model = blip2_jax.load(GOLDEN / "blip2_opt", mesh=sharding.make_mesh((1, 2, 4)), scan_layers=scan_layers)
+    lm = model.params["language_model"]
+    kernel = lm["layers"]["fc1"]["kernel"] if scan_layers else lm["layers_0"]["fc1"]["kernel"]
+    assert tuple(kernel.sharding.spec) == ((None,) if scan_layers else ()) + ("fsdp", "tensor")
     case = next(c for c in ref["generate"] if c["name"] == "beam3")
     kwargs = {k: v for k, v in case["kwargs"].items() if k != "do_sample"}
     assert model.generate_ids([photos[i] for i in case["image_index"]], case["prompts"], **kwargs) == case["new_tokens"]
