@@ -54,8 +54,8 @@ def load(directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: in
 def default_scan_layers() -> bool:
     """Whether inference stacks the towers' layers under one `scan` (TPU/GPU) or keeps one set of
     weights per layer (CPU). In a scan each layer reads its weights as a slice of the stack; XLA's
-    CPU backend copies that slice before every matmul, which costs about as much as the matmul
-    itself when decoding (weight-bound), so CPU inference unrolls the layers (longer compile)."""
+    CPU backend copies that slice before every matmul (in a decoding profile the copy took longer
+    than the matmul), so CPU inference unrolls the layers (at a longer compile)."""
     return jax.default_backend() != "cpu"
 
 
