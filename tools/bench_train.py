@@ -188,23 +188,31 @@ def train_config(c: dict, task: str, batch: int, text_len: int, dtype: str = "fl
     return cfg
 
 
+class _Compiled:
+    """One compiled train step with its state, frozen params and fixed batch."""
+
+    def __init__(self, state, frozen, inputs, step, seconds: float, flops: float):
+        self.state, self.frozen, self.inputs, self.step = state, frozen, inputs, step
+        self.seconds, self.flops = seconds, flops
+
+
 class OurStep:
-    """The trainer's step on a fixed random batch, compiled twice: with the layers unrolled
+    """The trainer's step on a fixed random batch, compiled with the layers unrolled
     (`scan_layers=False`, what CPU runs fastest: a scanned layer reads its weights as a slice of
-    the stack, which XLA's CPU backend copies first) and scanned (the TPU default).
-    `run(scanned=False)` times one step of either; `flops`: XLA's cost analysis of the unrolled
-    step (see the module docstring); `flops_scanned`: of the scanned one, for comparison."""
+    the stack, which XLA's CPU backend copies first) and, with `scanned_too`, also scanned (the
+    TPU default). `run(scanned=False)` times one step of either; `flops`: XLA's cost analysis of
+    the unrolled step (see the module docstring); `flops_scanned`: of the scanned one."""
 
-    def __init__(self, c: dict, task: str, batch: int, text_len: int, dtype: str = "float32"):
-        import jax
-
-        self.steps = {scan: self._compile(c, task, batch, text_len, dtype, scan) for scan in (False, True)}
-        self.compile_seconds, self.flops = self.steps[False][4:]
-        self.flops_scanned = self.steps[True][5]
-        self.trainable = sum(x.size for x in jax.tree.leaves(self.steps[False][0].params))
+    def __init__(self, c: dict, task: str, batch: int, text_len: int, dtype: str = "float32",
+                 scanned_too: bool = True):
+        self.steps = {scan: self._compile(c, task, batch, text_len, dtype, scan)
+                      for scan in ((False, True) if scanned_too else (False,))}
+        self.compile_seconds, self.flops = self.steps[False].seconds, self.steps[False].flops
+        self.flops_scanned = self.steps[True].flops if scanned_too else None
         self.i = 0
 
-    def _compile(self, c, task, batch, text_len, dtype, scan_layers):
+    @staticmethod
+    def _compile(c, task, batch, text_len, dtype, scan_layers) -> _Compiled:
         import flax.linen as nn
         import jax
 
@@ -220,15 +228,14 @@ class OurStep:
             seconds = time.perf_counter() - t
         cost = step.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return [state, frozen, inputs, step, seconds, float(cost.get("flops", 0.0))]
+        return _Compiled(state, frozen, inputs, step, seconds, float(cost.get("flops", 0.0)))
 
     def run(self, scanned: bool = False) -> float:
         import jax
         self.i += 1
-        entry = self.steps[scanned]
-        state, frozen, inputs, step = entry[:4]
+        s = self.steps[scanned]
         t = time.perf_counter()
-        entry[0], metrics = step(state, frozen, inputs, jax.random.key(self.i))
+        s.state, metrics = s.step(s.state, s.frozen, s.inputs, jax.random.key(self.i))
         jax.block_until_ready(metrics["loss"])
         return time.perf_counter() - t
 
@@ -373,7 +380,8 @@ def main():
                     scanned_t.append(ours.run(scanned=True))
                     if torch_side:
                         theirs_t.append(torch_side.step(key))
-                s1 = OurStep(CONFIGS[name], "stage1", args.stage1_batch, args.text_len, dtype)
+                s1 = OurStep(CONFIGS[name], "stage1", args.stage1_batch, args.text_len, dtype,
+                             scanned_too=False)
                 s1.run()
                 s1_t = min(s1.run() for _ in range(args.repeats))
                 rows.append((name, dtype, ours, min(ours_t), min(scanned_t), min(theirs_t) if theirs_t else None,
