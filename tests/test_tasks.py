@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blip2_jax import config_lib, configs_tiny, losses, tasks, train_state
+from blip2_jax import config_lib, losses, tasks, train_state
+from blip2_jax.miniature import tiny
 from blip2_jax.weights import init as init_lib
 
 B, T, TD, V = 4, 10, 6, 97
@@ -27,10 +28,10 @@ def np_cross_entropy(logits, targets, label_smoothing=0.0):
 
 def _config(text: str, smoothing: float, loss_tokens: int):
     if text == "opt":
-        c = configs_tiny.tiny(config_lib.base(task="lm", preset="vitg_opt2.7b"), text="opt")
+        c = tiny.tiny(config_lib.base(task="lm", preset="vitg_opt2.7b"), text="opt")
         c.model.text = dict(c.model.text, vocab_size=V)
     else:
-        c = configs_tiny.tiny(config_lib.base(task="lm", preset="vitg_flant5xl"), text=None)
+        c = tiny.tiny(config_lib.base(task="lm", preset="vitg_flant5xl"), text=None)
         c.model.no_text = False
         c.model.qformer = dict(c.model.qformer, use_qformer_text_input=False)
         c.model.text = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,

@@ -164,14 +164,15 @@ class TorchSide(JsonLineChild):
 
 def train_config(c: dict, task: str, batch: int, text_len: int, dtype: str = "float32",
                  scan_layers: bool = True):
-    """A trainer config (configs_tiny's tiny model, resized to `c`; frozen towers in `dtype`)."""
-    from blip2_jax import config_lib, configs_tiny
+    """A trainer config (the tiny model (miniature/tiny.py), resized to `c`; frozen towers in `dtype`)."""
+    from blip2_jax import config_lib
+    from blip2_jax.miniature import tiny
     im, patch, vh, vl, vheads, vmlp = c["vision"]
     qh, ql, qheads, qffn, queries, every = c["qformer"]
     oh, ol, oheads, offn, vocab = c["opt"]
     cfg = config_lib.base(task=task, preset="pretrain_vitg" if task == "stage1" else "vitg_opt2.7b")
     cfg.model.qformer_lm_head = task == "stage1"
-    cfg = configs_tiny.tiny(cfg, text=None if task == "stage1" else "opt", batch_size=batch, steps=1000)
+    cfg = tiny.tiny(cfg, text=None if task == "stage1" else "opt", batch_size=batch, steps=1000)
     cfg.model.vision = dict(cfg.model.vision, hidden_size=vh, intermediate_size=vmlp, num_hidden_layers=vl,
                             num_attention_heads=vheads, image_size=im, patch_size=patch)
     cfg.model.qformer = dict(cfg.model.qformer, hidden_size=qh, num_hidden_layers=ql, num_attention_heads=qheads,

@@ -1,5 +1,6 @@
 """Tiny stage 2 (OPT-style LM) on synthetic_shapes for CPU (tests, the miniature pipeline)."""
-from blip2_jax import config_lib, configs_tiny
+from blip2_jax import config_lib
+from blip2_jax.miniature import tiny
 
 
 def get_config(arg: str = ""):
@@ -7,4 +8,4 @@ def get_config(arg: str = ""):
     c.input.text_processor = "opt_caption"
     c.input.llm_tokenizer = "gpt2-offline"
     c.input.llm_eos_text = "\n"
-    return configs_tiny.tiny(c, text="opt")
+    return tiny.tiny(c, text="opt")

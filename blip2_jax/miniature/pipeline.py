@@ -2,10 +2,10 @@ r"""BLIP-2 in miniature: the paper's whole recipe on the built-in synthetic corp
 
   python -m blip2_jax.miniature [--workdir DIR] [--fast] [--skip_ablation]
 
-Phases (one progress line each on stderr; settings in configs/tiny/miniature.py):
+Phases (one progress line each on stderr; settings in blip2_jax/miniature/config.py):
   1. data      build `synthetic_shapes` (2000 / 250 / 250 scenes)
   2. towers    pretrain the image tower on pixels alone and the OPT-style LM on text alone
-               (blip2_jax/unimodal.py): two frozen models that know nothing of each other
+               (blip2_jax/miniature/unimodal.py): two frozen models that know nothing of each other
   3. start     draw the Q-Former's random initialisation (shared by both runs below)
   4. stage 1   representation learning, ITC + ITM + ITG (`blip2_jax.main`, frozen ViT)
   5. stage 2   generative learning through the frozen LM, Q-Former from stage 1
@@ -28,9 +28,9 @@ import sys
 import threading
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "tiny" / "miniature.py"
-EVAL_CONFIG = ROOT / "configs" / "eval" / "synthetic_shapes.py"
+from blip2_jax.miniature import config as phases
+from blip2_jax.miniature import tiny
+
 MARKER = "miniature.json"  # marks a workdir this program owns (its phase folders may be replaced)
 PHASE_DIRS = ("towers", "stage1", "stage2", "stage2_no_stage1")
 
@@ -94,24 +94,16 @@ def _watch_metrics(workdir: str, phase: Phase, stop: threading.Event) -> None:
 
 
 # ------------------------------------------------------------------------------------- configs
-def _load_py(path: pathlib.Path, arg: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def miniature_config(phase: str, workdir: str, fast: bool, seed: int = 0):
     w = os.path.abspath(workdir)
     arg = f"{phase},towers={w}/towers,stage1={w}/stage1,data_dir={w}/tfds,fast={int(fast)},seed={seed}"
-    return _load_py(CONFIG, arg)
+    return phases.get_config(arg)
 
 
 def eval_config(kind: str, overrides: dict, output_dir: str):
-    """configs/eval/synthetic_shapes.py:<kind> with the miniature's overrides."""
+    """The synthetic_shapes evaluator of `kind` (tiny.eval_config) with the miniature's overrides."""
     from blip2_jax.evaluators import runners
-    c = runners.with_defaults(_load_py(EVAL_CONFIG, kind))
+    c = runners.with_defaults(tiny.eval_config(kind))
 
     def merge(dst, src):
         for k, v in src.items():
@@ -264,7 +256,7 @@ def blind_baselines(data_dir: str, questions: list[dict]) -> dict:
     each question text, and the commonest training caption for every image."""
     from collections import Counter, defaultdict
 
-    from blip2_jax import unimodal
+    from blip2_jax.miniature import unimodal
     from blip2_jax.evaluators import metrics
     scenes = unimodal.read_scenes("synthetic_shapes", "train", data_dir)
     table = defaultdict(Counter)
@@ -364,9 +356,10 @@ def run(workdir: str, fast: bool = False, skip_ablation: bool = False, seed: int
     """The whole miniature; returns (and writes to WORKDIR/results.json) every number."""
     _prepare_workdir(workdir)
     import jax
-    jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from blip2_jax import unimodal
+
+    from blip2_jax import cache
+    cache.enable()
+    from blip2_jax.miniature import unimodal
     from blip2_jax.data import builders
 
     t_start, cpu_start = time.time(), cpu_seconds()

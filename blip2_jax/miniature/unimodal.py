@@ -1,10 +1,10 @@
 """Unimodal pretraining of the miniature's two frozen towers, each on its own modality only.
 
 BLIP-2 bridges an image encoder and a language model that were pretrained apart and know
-nothing of each other (paper §1, §3.1). The miniature (blip2_jax/miniature.py) recreates that
+nothing of each other (paper §1, §3.1). The miniature (pipeline.py) recreates that
 on synthetic_shapes:
 
-- Image tower: the tiny ViT (configs_tiny.TINY_VISION) learns, from pixels alone, to predict the
+- Image tower: the tiny ViT (tiny.TINY_VISION) learns, from pixels alone, to predict the
   scene's visual attributes per cell of the 3x3 layout grid (shape kind, colour, size, or empty)
   and the background kind: supervised multi-label classification, the ImageNet-style recipe,
   with class indices as targets (no words). A linear probe reads all output tokens (after

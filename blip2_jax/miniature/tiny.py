@@ -1,4 +1,4 @@
-"""The tiny model of configs/tiny/ (CPU runs, tests, the miniature pipeline), in one place."""
+"""The tiny model (configs/tiny/, CPU runs, tests, the miniature) and its synthetic_shapes evaluators."""
 from __future__ import annotations
 
 TINY_VISION = dict(kind="eva", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -37,4 +37,26 @@ def tiny(c, *, text: str | None = "opt", batch_size: int = 16, steps: int = 20):
     c.optim.warmup_steps = 2
     c.optim.total_steps = steps
     c.optim.min_lr = 1e-4
+    return c
+
+
+def eval_config(kind: str = "caption"):
+    """The paper's evaluator of `kind` ("caption", "vqa", "retrieval") on synthetic_shapes at the
+    tiny model's resolution (configs/eval/synthetic_shapes.py)."""
+    from blip2_jax.evaluators import runners
+
+    c = runners.base_config(kind)
+    c.input.dataset = "synthetic_shapes"
+    c.input.split = "validation"
+    c.input.image_size = TINY_VISION["image_size"]
+    c.input.batch_size = 16
+    c.input.read_threads = 1
+    if kind == "vqa":
+        c.metric = "exact"             # one answer per question: normalised exact match
+    elif kind == "caption":
+        c.prompt = ""                  # the tiny stage 2 trains captions without a prompt
+        c.generation.min_new_tokens = 1  # shape captions can be 3 tokens long
+        c.generation.max_new_tokens = 20
+    else:
+        c.max_text_len = 24            # the tiny config's Q-Former text length
     return c
