@@ -13,11 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.data.text import IGNORE_INDEX
 from blip2_jax.models.layers import precision
 
 Array = jax.Array
 
-IGNORE_INDEX = -100  # transformers' label value for "no loss here"
 HARD_NEGATIVE_FLOOR = 1e-4  # LAVIS adds this to the softmax weights so every negative can be drawn
 
 
@@ -151,17 +151,13 @@ def itm_loss(itm_logits: Array, labels: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 # Image-grounded text generation (ITG)
 # ----------------------------------------------------------------------------------------------
-def replace_bos(input_ids: Array, dec_token_id: int) -> Array:
-    """ITG decodes from a [DEC] token: the first token ([CLS]) is replaced. input_ids [B, T]."""
-    return input_ids.at[:, 0].set(dec_token_id)
-
-
 def itg_loss(logits: Array, input_ids: Array, attention_mask: Array,
              label_smoothing: float = 0.1) -> Array:
     """Shifted next-token cross-entropy over the text (ITG, LAVIS's `BertLMHeadModel` loss).
 
     logits [B, T, V]: the Q-Former's LM-head outputs at the text positions only (query positions
-    dropped), computed from `replace_bos(input_ids, dec_id)`; input_ids [B, T] (either form: the
+    dropped), computed from the text with [DEC] in place of [CLS] (the pipeline's
+    `qformer_dec_input_ids`); input_ids [B, T] (either form: the
     first token is never a target); attention_mask [B, T] (0 = padding, not a target).
     Position t predicts token t + 1. Mean over the real target tokens, float32 scalar."""
     per_token = _token_cross_entropy(logits[:, :-1], input_ids[:, 1:], label_smoothing)
@@ -206,21 +202,3 @@ def labelled_positions(targets: Array, num_positions: int) -> tuple[Array, Array
     unlabelled = targets == IGNORE_INDEX
     positions = jnp.argsort(unlabelled, axis=1, stable=True)[:, :num_positions].astype(jnp.int32)
     return positions, jnp.take_along_axis(targets, positions, axis=1)
-
-
-def lm_loss(logits: Array, labels: Array, label_smoothing: float = 0.0) -> tuple[Array, Array]:
-    """Decoder-only LM loss (OPT), transformers' convention: labels are aligned with the inputs
-    and shifted here, so labels[:, t] is predicted by logits[:, t - 1].
-
-    logits [B, T, V]; labels [B, T] with IGNORE_INDEX (-100) over the query positions, the prompt
-    and padding. Returns (mean loss over counted tokens, number of counted tokens), float32.
-    (Training computes logits only where labels are: `next_token_alignment` + `token_loss`.)"""
-    return token_loss(logits[:, :-1], labels[:, 1:], label_smoothing)
-
-
-def seq2seq_loss(logits: Array, labels: Array, label_smoothing: float = 0.0) -> tuple[Array, Array]:
-    """Encoder-decoder LM loss (T5): the decoder inputs are already the labels shifted right, so
-    logits[:, t] predicts labels[:, t] (no shift here).
-
-    logits [B, T, V]; labels [B, T] with IGNORE_INDEX for padding. Returns (mean loss, count)."""
-    return token_loss(logits, labels, label_smoothing)

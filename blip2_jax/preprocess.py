@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from blip2_jax.data.transforms import CLIP_MEAN, CLIP_STD
+
 
 _RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC,
              4: Image.BOX, 5: Image.HAMMING}
@@ -130,19 +130,3 @@ def to_rgb(im: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return im.convert("RGB")
-
-
-def pad_batch(sequences: Iterable[Sequence[int]], pad_id: int, side: str = "right",
-              length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Token id lists -> (ids [B, L] int32, mask [B, L] int32), padded on `side`."""
-    seqs = [list(s) for s in sequences]
-    L = max([len(s) for s in seqs] + [0]) if length is None else length
-    ids = np.full((len(seqs), L), pad_id, np.int32)
-    mask = np.zeros((len(seqs), L), np.int32)
-    for i, s in enumerate(seqs):
-        s = s[:L]
-        if side == "left":
-            ids[i, L - len(s):], mask[i, L - len(s):] = s, 1
-        else:
-            ids[i, :len(s)], mask[i, :len(s)] = s, 1
-    return ids, mask

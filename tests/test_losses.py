@@ -171,12 +171,6 @@ def lavis_itg_reference(logits, input_ids, attention_mask, eps=0.1, pad_id=0):
     return np_cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), eps)
 
 
-def test_replace_bos():
-    ids = jnp.array([[101, 5, 6, 102], [101, 7, 102, 0]])
-    np.testing.assert_array_equal(losses.replace_bos(ids, 30522),
-                                  [[30522, 5, 6, 102], [30522, 7, 102, 0]])
-
-
 def test_itg_loss_matches_lavis():
     b, t, v = 3, 7, 11
     lengths = np.array([7, 4, 2])
@@ -188,13 +182,19 @@ def test_itg_loss_matches_lavis():
     np.testing.assert_allclose(got, lavis_itg_reference(logits, ids, mask), rtol=1e-5)
 
 
+def causal_lm_loss(logits, labels, label_smoothing=0.0):
+    """Decoder-only LM loss as the trainer computes it (labels aligned with the inputs)."""
+    aligned, targets = losses.next_token_alignment(logits, labels)
+    return losses.token_loss(aligned, targets, label_smoothing)
+
+
 def test_lm_loss_shift_and_ignore():
     b, t, v = 2, 6, 9
     logits = RNG.normal(size=(b, t, v)) * 2
     labels = RNG.integers(0, v, size=(b, t))
     labels[:, :2] = -100  # query/prompt positions
     labels[1, 4:] = -100  # padding
-    loss, count = losses.lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+    loss, count = causal_lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
     # transformers' ForCausalLMLoss: pad labels with -100 on the right, shift left by one
     shift = np.concatenate([labels[:, 1:], np.full((b, 1), -100)], axis=1)
     ref = np_cross_entropy(logits.reshape(-1, v), shift.reshape(-1))
@@ -205,17 +205,17 @@ def test_lm_loss_shift_and_ignore():
 def test_lm_loss_label_smoothing():
     logits = RNG.normal(size=(2, 5, 7))
     labels = RNG.integers(0, 7, size=(2, 5))
-    loss, _ = losses.lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), 0.1)
+    loss, _ = causal_lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), 0.1)
     ref = np_cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), 0.1)
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
 
 
-def test_seq2seq_loss_no_shift():
+def test_seq2seq_loss_no_shift():  # T5: decoder inputs are the labels shifted right
     b, t, v = 2, 5, 8
     logits = RNG.normal(size=(b, t, v))
     labels = RNG.integers(0, v, size=(b, t))
     labels[0, 3:] = -100
-    loss, count = losses.seq2seq_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+    loss, count = losses.token_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
     np.testing.assert_allclose(loss, np_cross_entropy(logits.reshape(-1, v), labels.reshape(-1)),
                                rtol=1e-5)
     assert int(count) == 8
@@ -224,7 +224,7 @@ def test_seq2seq_loss_no_shift():
 def test_losses_are_float32_from_bf16_logits():
     logits = jnp.asarray(RNG.normal(size=(2, 4, 6)), jnp.bfloat16)
     labels = jnp.asarray(RNG.integers(0, 6, size=(2, 4)))
-    loss, _ = losses.lm_loss(logits, labels)
+    loss, _ = causal_lm_loss(logits, labels)
     assert loss.dtype == jnp.float32
     ref = np_cross_entropy(np.asarray(logits.astype(jnp.float32))[:, :-1].reshape(-1, 6),
                            np.asarray(labels)[:, 1:].reshape(-1))
@@ -232,7 +232,7 @@ def test_losses_are_float32_from_bf16_logits():
 
 
 def test_all_ignored_is_zero_not_nan():
-    loss, count = losses.lm_loss(jnp.ones((1, 3, 4)), jnp.full((1, 3), -100))
+    loss, count = causal_lm_loss(jnp.ones((1, 3, 4)), jnp.full((1, 3), -100))
     assert float(loss) == 0.0 and int(count) == 0
 
 
@@ -247,7 +247,7 @@ def _stage1_losses(img, txt, ids, itm_logits, qf_logits, qf_ids, qf_mask, lm_log
     image_index, text_index, labels = losses.itm_pairs(neg_img, neg_txt)
     itm = losses.itm_loss(itm_logits, labels)
     itg = losses.itg_loss(qf_logits, qf_ids, qf_mask)
-    lm, _ = losses.lm_loss(lm_logits, lm_labels)
+    lm, _ = causal_lm_loss(lm_logits, lm_labels)
     return dict(itc=itc, itm=itm, itg=itg, lm=lm, image_index=image_index, text_index=text_index)
 
 

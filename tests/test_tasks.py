@@ -86,8 +86,8 @@ def _full_loss(model, params, batch, text, smoothing):
     if text == "opt":  # soft prompt unlabelled, then transformers' shift
         q = logits.shape[1] - batch["llm_labels"].shape[1]
         labels = jnp.concatenate([jnp.full((B, q), -100, jnp.int32), batch["llm_labels"]], 1)
-        return losses.lm_loss(logits, labels, smoothing)[0]
-    return losses.seq2seq_loss(logits, batch["llm_labels"], smoothing)[0]
+        return losses.token_loss(logits[:, :-1], labels[:, 1:], smoothing)[0]
+    return losses.token_loss(logits, batch["llm_labels"], smoothing)[0]
 
 
 def _np_reference(model, params, batch, text, smoothing, keep_first=None):

@@ -21,7 +21,7 @@ import numpy as np
 
 from blip2_jax.data.tokenizers import Tokenizer
 
-IGNORE = -100  # label of positions the loss skips
+IGNORE_INDEX = -100  # label of positions the loss skips (transformers' convention)
 _CAPTION_PUNCT = re.compile(r"([.!\"()*#:;~])")
 
 
@@ -80,9 +80,9 @@ def decoder_only_lm(prompt: str, target: str, tok: Tokenizer, max_len: int):
     head = list(tok.prefix) + (tok.encode(prompt) if prompt else [])
     body = tok.encode((" " if prompt else "") + target) + list(tok.suffix)
     ids = (head + body)[:max_len]
-    labels = ([IGNORE] * len(head) + body)[:max_len]
+    labels = ([IGNORE_INDEX] * len(head) + body)[:max_len]
     input_ids, mask = pad(ids, max_len, tok.pad_id)
-    lab = np.full((max_len,), IGNORE, np.int32)
+    lab = np.full((max_len,), IGNORE_INDEX, np.int32)
     lab[: len(labels)] = labels
     return {"llm_input_ids": input_ids, "llm_attention_mask": mask, "llm_labels": lab}
 
@@ -95,7 +95,7 @@ def encoder_decoder_lm(source: str, target: str, tok: Tokenizer, max_len: int,
     input_ids, mask = pad(src + list(tok.suffix), max_len, tok.pad_id)
     tgt = tok.encode(target)[: max_target_len - len(tok.suffix)] + list(tok.suffix)
     labels_ids, dmask = pad(tgt, max_target_len, tok.pad_id)
-    labels = np.where(dmask == 1, labels_ids, IGNORE).astype(np.int32)
+    labels = np.where(dmask == 1, labels_ids, IGNORE_INDEX).astype(np.int32)
     start = tok.decoder_start_id if tok.decoder_start_id is not None else tok.pad_id
     dec_in, _ = pad([start] + tgt[:-1], max_target_len, tok.pad_id)
     return {"llm_input_ids": input_ids, "llm_attention_mask": mask,

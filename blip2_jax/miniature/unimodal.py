@@ -57,7 +57,7 @@ COLOUR_CLASSES = ("empty",) + tuple(shapes.COLOURS)
 SIZE_CLASSES = ("empty",) + tuple(shapes.SIZES)
 BACKGROUND_CLASSES = tuple(shapes.BACKGROUNDS)
 CELLS = shapes.GRID * shapes.GRID
-IGNORE = text_lib.IGNORE
+IGNORE = text_lib.IGNORE_INDEX
 
 Progress = Callable[[int, int], None]  # (done, total)
 
