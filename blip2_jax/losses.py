@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax.data.text import IGNORE_INDEX
-from blip2_jax.models.layers import precision
+from blip2_jax.models.qformer import itc_similarity
 
 Array = jax.Array
 
@@ -66,10 +66,7 @@ def itc_similarities(image_feats: Array, text_feats: Array, temp: Array | float
     Returns sim_i2t [B, B] with sim_i2t[i, j] = max_q image_feats[i, q] . text_feats[j] / temp,
     and sim_t2i [B, B] with sim_t2i[j, i] = max_q text_feats[j] . image_feats[i, q] / temp
     (rows are the "query" side of each direction, so sim_t2i == sim_i2t.T)."""
-    dtype = jnp.promote_types(image_feats.dtype, text_feats.dtype)
-    sim_iqt = jnp.einsum("iqe,je->ijq", image_feats, text_feats, precision=precision(dtype),
-                         preferred_element_type=jnp.float32)
-    sim_i2t = jnp.max(sim_iqt, axis=-1) / temp
+    sim_i2t = itc_similarity(image_feats, text_feats) / temp
     return sim_i2t, sim_i2t.T
 
 

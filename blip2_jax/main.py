@@ -31,7 +31,6 @@ class TrainingHalted(RuntimeError):
 
 def train(config, workdir: str) -> dict:
     """Runs training to `config.total_steps`; returns the last logged metrics."""
-    import flax.linen as nn
     import jax
 
     from blip2_jax import sharding
@@ -41,7 +40,7 @@ def train(config, workdir: str) -> dict:
     mesh = sharding.make_mesh(tuple(config.mesh_shape))
     logging.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
     # Activations are pinned by the logical-axis rules wherever the model is traced below.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         return _train(config, workdir, mesh)
 
 

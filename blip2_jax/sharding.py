@@ -5,6 +5,7 @@ activations are pinned with `nn.with_logical_constraint`. This table maps both t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -53,6 +54,22 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
                          f"{len(devices)} are available")
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh | None, rules=RULES):
+    """The mesh and the logical-axis rules for tracing: activations pinned with `constrain` and
+    params annotated in `models/` resolve to this mesh. `None`: nothing set."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def single_device_mesh(device=None) -> Mesh:
+    """A (1, 1, 1) mesh of one device (default: the first): one code path for one device and many."""
+    return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=RULES):

@@ -104,13 +104,12 @@ def test_evaluate_caption_t5_and_retrieval_itm_models(tmp_path):
 # ------------------------------------------------------------------------------ --workdir
 def _fake_workdir(path, name):
     """A workdir as the trainer leaves it: config.json and a checkpoint of the TrainState."""
-    import flax.linen as nn
     import jax
 
     from blip2_jax import checkpoint, main, sharding
     config = runpy.run_path(str(ROOT / "configs" / "tiny" / f"{name}.py"))["get_config"]("")
     mesh = sharding.make_mesh(tuple(config.mesh_shape))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         *_, state, frozen, _ = main.create_state(config, mesh)
     # A "trained" Q-Former: different from the random init the evaluator would otherwise get.
     state = state.replace(params=jax.tree.map(lambda x: x + 0.01, state.params))

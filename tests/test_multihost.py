@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 import portpicker
@@ -100,7 +99,7 @@ def _reference(name: str, data_dir, steps: int):
     config = _config(name)
     config.input.data_dir = str(data_dir)
     mesh = sharding.make_mesh(MESH)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         _, _, task, state, frozen, schedule = main.create_state(config, mesh)
         step_fn = jax.jit(main.make_train_step(task, schedule))
         shards = [pipeline.make_iterator(config.input, process_index=i, process_count=NPROC)
@@ -180,7 +179,7 @@ def test_checkpoint_restores_in_one_process_on_another_mesh(stage1_job):
     workdir, stopped_at = stage1_job
     config = _config("stage1")
     mesh = sharding.make_mesh((1, 8, 1))  # the writers used (2, 4, 1) over two processes
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         _, _, _, state, _, _ = main.create_state(config, mesh)
         abstract = ckpt_lib.abstract_like(state)
         one_device = jax.tree.map(lambda x: jax.ShapeDtypeStruct(

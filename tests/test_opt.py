@@ -264,7 +264,7 @@ def test_sharded_on_8_devices(golden):
     ids, mask = ref["lm_input_ids"], ref["lm_attention_mask"]
     model = opt.OPTForCausalLM(cfg)
     mesh = sharding.make_mesh((1, 2, 4))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         emb = jnp.zeros(ids.shape + (cfg.word_embed_proj_dim,))
         shard = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0), emb, mask,
                                                         mask), mesh)["params"]

@@ -278,7 +278,7 @@ def test_vit_and_qformer_sharded_on_8_devices():
     vit, qformer = VisionTransformer(cfg.vision), model_of(cfg)
     pixels = ref["pixel_values"].transpose(0, 2, 3, 1)
     mesh = sharding.make_mesh((1, 2, 4))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         text = (ref["input_ids"][:2], ref["attention_mask"][:2])
         shard_v = sharding.param_shardings(jax.eval_shape(vit.init, jax.random.key(0), pixels), mesh)["params"]
         shard_q = sharding.param_shardings(jax.eval_shape(qformer.init, jax.random.key(0),

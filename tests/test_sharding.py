@@ -2,7 +2,6 @@
 meshes (8,1,1), (2,4,1) and (2,2,2) equal the single-device result."""
 import importlib.util
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -51,7 +50,7 @@ def _one_step(name, mesh_shape):
     config = _config(name)
     n = int(np.prod(mesh_shape))
     mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:n])
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         _, _, task, state, frozen, schedule = main.create_state(config, mesh)
         batch = pipeline.make_global_batch(_batch(name), mesh)
         step = jax.jit(main.make_train_step(task, schedule))

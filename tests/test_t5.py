@@ -297,7 +297,7 @@ def test_golden_sharded_on_8_devices_with_cache(golden):
     ids, mask, dec = ref["lm_input_ids"], ref["lm_attention_mask"], ref["lm_decoder_input_ids"]
     model = t5.T5ForConditionalGeneration(cfg)
     mesh = sharding.make_mesh((1, 2, 4))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         emb = jnp.zeros(ids.shape + (cfg.d_model,))
         shard = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0), emb, mask, dec),
                                          mesh)["params"]

@@ -214,13 +214,12 @@ class OurStep:
 
     @staticmethod
     def _compile(c, task, batch, text_len, dtype, scan_layers) -> _Compiled:
-        import flax.linen as nn
         import jax
 
         from blip2_jax import main, sharding
         cfg = train_config(c, task, batch, text_len, dtype, scan_layers)
         mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        with sharding.use(mesh):
             model, _, task_obj, state, frozen, schedule = main.create_state(cfg, mesh)
             inputs = _batch(cfg, task_obj.batch_keys, model.config.num_query_tokens, batch, text_len)
             fn = jax.jit(main.make_train_step(task_obj, schedule), donate_argnums=(0,))
@@ -255,7 +254,6 @@ def _batch(cfg, keys, queries: int, b: int, t: int) -> dict:
 def breakdown(c: dict, batch: int, text_len: int, dtype: str, repeats: int) -> list[tuple[str, float, float]]:
     """Where our stage-2 step's time goes: [(part, seconds, FLOPs)], each part jitted alone
     (unrolled layers, so XLA's FLOP count is per layer), cotangents of ones where backward."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
@@ -278,7 +276,7 @@ def breakdown(c: dict, batch: int, text_len: int, dtype: str, repeats: int) -> l
         out.append((name, best, float(cost.get("flops", 0.0))))
         return compiled(*args)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with sharding.use(mesh):
         model, _, task, state, frozen, _ = main.create_state(cfg, mesh)
         b = jax.tree.map(jnp.asarray, _batch(cfg, task.batch_keys, model.config.num_query_tokens, batch, text_len))
         # parameters are arguments, never closed over (constants would be folded at compile time)

@@ -355,7 +355,6 @@ def examples(questions: list[dict], runs: dict, count: int) -> str:
 def run(workdir: str, fast: bool = False, skip_ablation: bool = False, seed: int = 0) -> dict:
     """The whole miniature; returns (and writes to WORKDIR/results.json) every number."""
     _prepare_workdir(workdir)
-    import jax
 
     from blip2_jax import cache
     cache.enable()

@@ -48,6 +48,17 @@ NORM_EPS = 1e-12           # torch.nn.functional.normalize's epsilon
 ACT = ("act_batch", "act_length", "act_embed")
 
 
+def itc_similarity(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
+    """ITC similarity (paper §3.2): for each (image, text), the best-matching query's cosine.
+
+    image_embeds [Bi, Q, E] and text_embeds [Bt, E], both L2-normalised -> float32 [Bi, Bt]
+    (divide by the temperature for the ITC loss)."""
+    dtype = jnp.promote_types(image_embeds.dtype, text_embeds.dtype)
+    sim = jnp.einsum("iqe,te->itq", image_embeds, text_embeds, precision=precision(dtype),
+                     preferred_element_type=jnp.float32)
+    return sim.max(axis=-1)
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
     norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
     return (x / jnp.maximum(norm, NORM_EPS)).astype(x.dtype)
@@ -315,10 +326,8 @@ class QFormer(nn.Module):
         return l2_normalize(self.text_proj(text_output[:, 0]))
 
     def itc_similarity(self, image_embeds, text_embeds):
-        """[Bi, Q, E], [Bt, E] -> [Bi, Bt]: the best-matching query's cosine similarity (HF
-        `logits_per_image`; divide by `temperature()` for the ITC loss)."""
-        sim = jnp.einsum("iqe,te->itq", image_embeds, text_embeds, precision=precision(image_embeds.dtype))
-        return sim.max(axis=-1)
+        """`itc_similarity` below (HF `logits_per_image`)."""
+        return itc_similarity(image_embeds, text_embeds)
 
     def itm_logits(self, multimodal_output):
         """[B, Q + T, D] from `multimodal_features` -> [B, 2] (no-match, match), averaged over queries."""
