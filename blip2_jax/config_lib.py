@@ -10,9 +10,9 @@ from ml_collections import config_dict
 from blip2_jax import optim, train_state
 from blip2_jax.data import pipeline
 
-# Frozen towers of stages 1 and 2 (ln_vision = vision_model/post_layernorm is trained).
-FROZEN_VIT_AND_LLM = list(train_state.DEFAULT_FROZEN_PATTERNS)
-FROZEN_LLM_ONLY = [r"^language_model/"]  # captioning fine-tuning unfreezes the ViT
+# Frozen towers of stages 1 and 2 (train_state's table: ln_vision is trained).
+FROZEN_VIT_AND_LLM = train_state.frozen_patterns()
+FROZEN_LLM_ONLY = train_state.frozen_patterns(("language_model",))  # captioning fine-tuning: ViT trained
 
 
 def base(task: str, preset: str | None) -> ml_collections.ConfigDict:

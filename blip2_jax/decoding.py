@@ -1,4 +1,4 @@
-"""Model-agnostic decoding loops: greedy search, sampling and beam search.
+"""Model-agnostic decoding loops (greedy search, sampling, beam search) and their score processors.
 
 Each loop is one `lax.while_loop` over a pytree state, so the whole generation jits into one
 program that compiles once per (batch, beams, max_new_tokens) shape. The rules (processor order,
@@ -24,14 +24,142 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax import logits_processors as lp
-
 Array = jax.Array
 StepFn = Callable[[Array, Any, Array], tuple[Array, Any]]
 
 # The reference marks dead beams / blocked hypotheses by adding this (finite, so sums stay
 # ordered the way the reference orders them).
 DEAD_SCORE = -1.0e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Score processors
+# ----------------------------------------------------------------------------------------------
+# Order (transformers 5.x `_get_logits_processor`): repetition penalty -> minimum new tokens
+# (EOS suppressed) -> and, only when sampling, temperature -> top-k -> top-p. Greedy and sampling
+# apply them to raw float32 logits; beam search applies the first two to float32 log-probs.
+#
+# The repetition penalty counts every distinct token id already in the sequence. Instead of
+# re-scanning the history each step we carry a presence bitmap `[rows, vocab]` (bool) that the
+# caller initialises from whatever history the reference counts, and set one bit per new token.
+
+
+def eos_ids_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    """Normalises an EOS spec (int, list of ints or None) to a tuple of ints."""
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int):
+        return (int(eos_token_id),)
+    return tuple(int(e) for e in eos_token_id)
+
+
+def is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
+    """tokens: int [...] -> bool [...], True where the token is one of `eos_ids`."""
+    hit = jnp.zeros(tokens.shape, bool)
+    for e in eos_ids:
+        hit = hit | (tokens == e)
+    return hit
+
+
+def token_presence(ids: Array, vocab_size: int, mask: Array | None = None) -> Array:
+    """Presence bitmap of a token history.
+
+    ids: int [B, S]; mask: bool/int [B, S] or None (all counted). Returns bool [B, vocab_size].
+    Ids outside [0, vocab_size) are ignored, like the reference does for ids the LM head cannot
+    produce.
+    """
+    ids = jnp.asarray(ids)
+    keep = (ids >= 0) & (ids < vocab_size)
+    if mask is not None:
+        keep = keep & (jnp.asarray(mask) != 0)
+    ids = jnp.where(keep, ids, vocab_size)  # spare column, dropped below
+    rows = jnp.arange(ids.shape[0])[:, None]
+    bitmap = jnp.zeros((ids.shape[0], vocab_size + 1), bool).at[rows, ids].set(True)
+    return bitmap[:, :vocab_size]
+
+
+def repetition_counted_positions(attention_mask: Array) -> Array:
+    """Which positions of `input_ids` the reference's repetition penalty counts.
+
+    transformers 5.x skips the leading run of masked positions (left padding before the first
+    attended token) and counts everything after it, pads in the middle included.
+    attention_mask: [B, S] -> bool [B, S].
+    """
+    attention_mask = jnp.asarray(attention_mask) != 0
+    first = jnp.argmax(attention_mask, axis=1)
+    return jnp.arange(attention_mask.shape[1])[None, :] >= first[:, None]
+
+
+def add_tokens(presence: Array, tokens: Array) -> Array:
+    """presence: bool [B, V]; tokens: int [B] -> presence with each row's token set."""
+    rows = jnp.arange(presence.shape[0])
+    ids = jnp.where((tokens >= 0) & (tokens < presence.shape[1]), tokens, presence.shape[1])
+    return presence.at[rows, ids].set(True, mode="drop")
+
+
+def apply_repetition_penalty(scores: Array, presence: Array, penalty: float) -> Array:
+    """CTRL repetition penalty (Keskar et al. 2019): s*p if s < 0 else s/p, on seen tokens only.
+
+    scores: f32 [B, V]; presence: bool [B, V].
+    """
+    penalised = jnp.where(scores < 0, scores * penalty, scores / penalty)
+    return jnp.where(presence, penalised, scores)
+
+
+def suppress_eos_before_min(scores: Array, step: Array, min_new_tokens: int,
+                            eos_ids: tuple[int, ...]) -> Array:
+    """EOS gets -inf while fewer than `min_new_tokens` tokens have been generated.
+
+    scores: [B, V]; step: int32 scalar, tokens generated before this one.
+    """
+    if min_new_tokens <= 0 or not eos_ids:
+        return scores
+    vocab = jnp.arange(scores.shape[-1])
+    eos_mask = is_eos(vocab, eos_ids) & (step < min_new_tokens)
+    return jnp.where(eos_mask[None, :], -jnp.inf, scores)
+
+
+def top_k_filter(scores: Array, top_k: int) -> Array:
+    """Keeps tokens scoring at least the k-th best score (ties at the boundary kept), -inf elsewhere."""
+    k = min(top_k, scores.shape[-1])
+    kth = jax.lax.top_k(scores, k)[0][..., -1:]
+    return jnp.where(scores < kth, -jnp.inf, scores)
+
+
+def top_p_filter(scores: Array, top_p: float, min_tokens_to_keep: int = 1) -> Array:
+    """Nucleus filtering (Holtzman et al. 2020) exactly as the reference words it.
+
+    Sort ascending, drop tokens whose cumulative probability (from the least likely upwards) is
+    <= 1 - top_p, never dropping the `min_tokens_to_keep` most likely ones. scores: [B, V].
+    """
+    order = jnp.argsort(scores, axis=-1)
+    sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
+    drop_sorted = cumulative <= (1.0 - top_p)
+    drop_sorted = drop_sorted.at[..., -min_tokens_to_keep:].set(False)
+    rows = jnp.arange(scores.shape[0])[:, None]
+    drop = jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted)
+    return jnp.where(drop, -jnp.inf, scores)
+
+
+def process_scores(scores: Array, presence: Array | None, step: Array, *,
+                   repetition_penalty: float, min_new_tokens: int, eos_ids: tuple[int, ...]) -> Array:
+    """The processors shared by every decoding method: repetition penalty, then min new tokens."""
+    if repetition_penalty != 1.0:
+        scores = apply_repetition_penalty(scores, presence, repetition_penalty)
+    return suppress_eos_before_min(scores, step, min_new_tokens, eos_ids)
+
+
+def warp_for_sampling(scores: Array, *, temperature: float, top_k: int | None,
+                      top_p: float) -> Array:
+    """Sampling-only warpers in the reference order: temperature -> top-k -> top-p."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        scores = top_k_filter(scores, top_k)
+    if top_p < 1.0:
+        scores = top_p_filter(scores, top_p)
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,22 +222,22 @@ def _decode_one_per_row(first_logits, cache, step_fn, choose, *, rng, max_new_to
                         min_new_tokens, eos_token_id, pad_token_id, repetition_penalty, presence):
     """Shared loop of greedy search and sampling; choose(scores, key) -> int32 [B]."""
     _check_common(first_logits, max_new_tokens, min_new_tokens, repetition_penalty, presence)
-    eos_ids = lp.eos_ids_tuple(eos_token_id)
+    eos_ids = eos_ids_tuple(eos_token_id)
     batch = first_logits.shape[0]
 
     def select(state: _SampleState, logits):
         t = state.step
-        scores = lp.process_scores(logits.astype(jnp.float32), state.presence, t,
+        scores = process_scores(logits.astype(jnp.float32), state.presence, t,
                                    repetition_penalty=repetition_penalty,
                                    min_new_tokens=min_new_tokens, eos_ids=eos_ids)
         key = None if state.rng is None else jax.random.fold_in(state.rng, t)
         tok = choose(scores, key).astype(jnp.int32)
         if eos_ids:  # finished rows emit the pad id
             tok = jnp.where(state.finished, jnp.int32(pad_token_id), tok)
-            finished = state.finished | lp.is_eos(tok, eos_ids)
+            finished = state.finished | is_eos(tok, eos_ids)
         else:
             finished = state.finished
-        presence_ = None if state.presence is None else lp.add_tokens(state.presence, tok)
+        presence_ = None if state.presence is None else add_tokens(state.presence, tok)
         tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, t))
         return state._replace(step=t + 1, tokens=tokens, finished=finished, presence=presence_)
 
@@ -176,7 +304,7 @@ def sample(first_logits: Array, cache, step_fn: StepFn, *, rng: Array, max_new_t
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
 
     def choose(scores, key):
-        scores = lp.warp_for_sampling(scores, temperature=temperature, top_k=top_k, top_p=top_p)
+        scores = warp_for_sampling(scores, temperature=temperature, top_k=top_k, top_p=top_p)
         return jax.random.categorical(key, scores, axis=-1)
 
     return _decode_one_per_row(
@@ -237,7 +365,7 @@ def beam_search(first_logits: Array, cache, step_fn: StepFn, *, num_beams: int,
         raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
     if not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences={num_return_sequences} must be in [1, num_beams={num_beams}]")
-    eos_ids = lp.eos_ids_tuple(eos_token_id)
+    eos_ids = eos_ids_tuple(eos_token_id)
     batch, vocab = first_logits.shape
     k, n = num_beams, max_new_tokens
     # Enough candidates that `k` survive even if every beam's best continuations are EOS ids.
@@ -252,14 +380,14 @@ def beam_search(first_logits: Array, cache, step_fn: StepFn, *, num_beams: int,
     def select(s: _BeamState, logits):
         t = s.step
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        logprobs = lp.process_scores(logprobs, s.presence, t, repetition_penalty=repetition_penalty,
+        logprobs = process_scores(logprobs, s.presence, t, repetition_penalty=repetition_penalty,
                                      min_new_tokens=min_new_tokens, eos_ids=eos_ids)
         total = logprobs.reshape(batch, k, vocab) + s.running_scores[:, :, None]
         cand_scores, cand_idx = jax.lax.top_k(total.reshape(batch, k * vocab), n_cand)
         cand_beam, cand_tok = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
         cand_seqs = _gather_beams(s.running, cand_beam)
         cand_seqs = jax.lax.dynamic_update_slice(cand_seqs, cand_tok[:, :, None], (0, 0, t))
-        stopped = lp.is_eos(cand_tok, eos_ids) | (t + 1 >= n)
+        stopped = is_eos(cand_tok, eos_ids) | (t + 1 >= n)
 
         # Live beams: the best k candidates that did not just stop.
         live_scores = cand_scores + stopped.astype(jnp.float32) * DEAD_SCORE
@@ -292,7 +420,7 @@ def beam_search(first_logits: Array, cache, step_fn: StepFn, *, num_beams: int,
 
         presence = s.presence
         if presence is not None:
-            presence = lp.add_tokens(presence[src_rows], running[:, :, t].reshape(-1))
+            presence = add_tokens(presence[src_rows], running[:, :, t].reshape(-1))
         return s._replace(step=t + 1, running=running, running_scores=running_scores,
                           src_rows=src_rows, finished=finished, finished_scores=finished_scores,
                           is_finished=is_finished, improvable=improvable,

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax import decoding
-from blip2_jax import logits_processors as lp
 from blip2_jax.models import kv_cache, opt, t5
 from blip2_jax.models.blip2 import Blip2, opt_position_ids
 
@@ -169,8 +168,8 @@ def _presence(model: Blip2, input_ids, counted_mask, decoder_start_token_id):
     vocab = model.config.text.vocab_size
     b = input_ids.shape[0]
     if model.config.is_encoder_decoder:
-        return lp.token_presence(jnp.full((b, 1), decoder_start_token_id, jnp.int32), vocab)
-    presence = lp.token_presence(input_ids, vocab, counted_mask)
+        return decoding.token_presence(jnp.full((b, 1), decoder_start_token_id, jnp.int32), vocab)
+    presence = decoding.token_presence(input_ids, vocab, counted_mask)
     image_token = model.config.image_token_index
     if image_token is not None and 0 <= image_token < vocab:
         presence = presence.at[:, image_token].set(True)

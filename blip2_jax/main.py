@@ -62,13 +62,13 @@ def _train(config, workdir: str, mesh) -> dict:
     keys = task.batch_keys
 
     # ---------------------------------------------------------------- compiled step
-    step_fn = jax.jit(make_train_step(task, schedule, int(config.get("grad_accum_steps", 1))),
+    step_fn = jax.jit(make_train_step(task, schedule, int(config.grad_accum_steps)),
                       donate_argnums=(0,))
 
     # ---------------------------------------------------------------- resume
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.get("keep_ckpts", 3)),
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_ckpts),
                                  save_every=int(config.ckpt_every),
-                                 async_save=bool(config.get("async_checkpointing", True)))
+                                 async_save=bool(config.async_checkpointing))
     start = 0
     if ckpt.latest_step() is not None:
         start, state, data_state = ckpt.restore(ckpt_lib.abstract_like(state))
@@ -77,7 +77,7 @@ def _train(config, workdir: str, mesh) -> dict:
             train_iter.set_state(data_state)
         logging.info("resumed from step %d", start)
     writer = metric_writer.MetricWriter(workdir)
-    evals = evaluators.from_config(config.get("evals", {}), model=model, model_cfg=model_cfg, mesh=mesh,
+    evals = evaluators.from_config(config.evals, model=model, model_cfg=model_cfg, mesh=mesh,
                                    llm_tokenizer=config.input.llm_tokenizer,
                                    qformer_tokenizer=config.input.qformer_tokenizer)
 
@@ -138,14 +138,14 @@ def create_state(config, mesh):
     import jax
 
     from blip2_jax import optim, tasks, train_state
+    from blip2_jax.models import build
     from blip2_jax.weights import init as init_lib
 
-    model, model_cfg = init_lib.build_model(config.model)
+    model, model_cfg = build.build_model(config.model)
     task = tasks.get(config.task, model, config)
     params = init_lib.init_params(model, model_cfg, config, mesh)  # sharded jax.Arrays
-    trainable, frozen = train_state.split_params(params, list(config.frozen_patterns))
+    trainable, frozen = train_state.split_and_cast(params, config)
     del params
-    frozen = train_state.cast_frozen(frozen, config.model.get("frozen_param_dtype", "bfloat16"))
     logging.info("parameters: trainable %.2fM, frozen %.2fM", _count(trainable) / 1e6, _count(frozen) / 1e6)
     tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
     state = jax.jit(lambda p: train_state.TrainState.create(p, tx),
@@ -254,7 +254,7 @@ def _own_data_state(data_state):
 def maybe_initialize_distributed(config) -> None:
     """Multi-host start-up: on TPU pods (or when a coordinator address is configured)."""
     import jax
-    dist = config.get("distributed", None)
+    dist = config.distributed
     timeout = int(dist.initialization_timeout_s) if dist else 600
     if dist and dist.get("coordinator_address"):
         if not jax.distributed.is_initialized():
@@ -290,7 +290,7 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
 
 def peak_flops_per_device(config) -> float | None:
     import jax
-    if config.get("peak_flops"):
+    if config.peak_flops:
         return float(config.peak_flops)
     kind = jax.devices()[0].device_kind
     for name, value in PEAK_FLOPS.items():
@@ -322,20 +322,19 @@ def abstract_train_state(config, mesh=None):
     import jax
 
     from blip2_jax import optim, sharding, tasks, train_state
-    from blip2_jax.weights import init as init_lib
+    from blip2_jax.models import build
 
     def with_shardings(tree, shardings):
         return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
 
-    model, model_cfg = init_lib.build_model(config.model)
+    model, model_cfg = build.build_model(config.model)
     task = tasks.get(config.task, model, config)
-    boxed = init_lib.abstract_params(model, model_cfg)
+    boxed = build.abstract_params(model, model_cfg)
     params = sharding.unbox(boxed)
     if mesh is not None:
         params = with_shardings(params, sharding.param_shardings(boxed, mesh))
     trainable, frozen = train_state.split_params(params, list(config.frozen_patterns))
-    dtype = config.model.get("frozen_param_dtype", "bfloat16")
-    cast = jax.eval_shape(lambda f: train_state.cast_frozen(f, dtype), frozen)
+    cast = jax.eval_shape(lambda p: train_state.split_and_cast(p, config)[1], params)
     if mesh is not None:
         cast = with_shardings(cast, jax.tree.map(lambda x: x.sharding, frozen))
     tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)

@@ -21,8 +21,6 @@ peak LR of 1e-4 then cosine decay (stage-2 minimum 5e-5); fine-tuning uses layer
   layerwise_lr_decay_exclude     regex of params inside the prefix that keep scale 1
                         (post_layernorm is BLIP-2's ln_vision, outside the ViT in LAVIS)
   layerwise_lr_decay_embeddings  regex of the tower's embedding params (layer id 0)
-  grad_accum_steps      1 = off; k > 1 wraps the optimizer in optax.MultiSteps (mean of k
-                        micro-batch gradients, one update every k calls)
 
 Paths are the '/'-joined keys of the trainable params tree, e.g. "vision_model/layers/fc1/kernel".
 """
@@ -37,9 +35,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from blip2_jax import train_state
+
 # names of parameters never decayed (besides everything with < 2 dims per layer)
 NO_DECAY_LEAVES = ("bias",)
-NORM_PATTERN = r"(?i)(norm|(^|/)ln(_|\d|/))"  # layer_norm1, post_layernorm, ln_vision, ...
 STACKED_AXIS_NAME = "layers"  # scanned stacks keep their layers on axis 0 under this key
 _UNROLLED_LAYER = re.compile(r"^layers_(\d+)$")
 
@@ -61,9 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
         grad_clip_norm=0.0,
         layerwise_lr_decay=1.0,
         layerwise_lr_decay_prefix=r"^vision_model/",
-        layerwise_lr_decay_exclude=r"^vision_model/post_layernorm(/|$)",
+        layerwise_lr_decay_exclude=train_state.trained_in_towers_pattern(),
         layerwise_lr_decay_embeddings=r"(^|/)(embeddings|pre_layernorm)(/|$)",
-        grad_accum_steps=1,
     ))
 
 
@@ -129,7 +127,7 @@ def weight_decay_mask(params) -> Any:
     not decayed: LAVIS's `len(shape) == 1` test happens to decay the 0-d temp, its base
     model's `ndim < 2` does not; we take the latter."""
     paths, leaves, treedef = _paths_and_leaves(params)
-    norm = re.compile(NORM_PATTERN)
+    norm = re.compile(train_state.NORM_PATTERN)
     mask = []
     for path, leaf in zip(paths, leaves):
         per_layer_ndim = len(leaf.shape) - _stacked_axes(path)
@@ -223,7 +221,4 @@ def make_optimizer(config, trainable_params) -> optax.GradientTransformation:
             trainable_params, c.layerwise_lr_decay, c.layerwise_lr_decay_prefix,
             c.layerwise_lr_decay_exclude, c.layerwise_lr_decay_embeddings)))
     parts.append(optax.scale_by_learning_rate(make_schedule(c)))
-    tx = optax.chain(*parts)
-    if c.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=c.grad_accum_steps).gradient_transformation()
-    return tx
+    return optax.chain(*parts)

@@ -148,7 +148,7 @@ def batch_shapes(config, task, batch: int) -> dict:
     out = {}
     for key in task.batch_keys:
         if key == "image":
-            dtype = np.uint8 if ic.get("image_dtype", "float32") == "uint8" else np.float32
+            dtype = np.uint8 if ic.image_dtype == "uint8" else np.float32
             out[key] = jax.ShapeDtypeStruct((batch, s, s, 3), dtype)
         elif key == "image_id":
             out[key] = jax.ShapeDtypeStruct((batch,), np.int32)
@@ -185,7 +185,7 @@ def abstract_step_inputs(config, mesh):
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, len(v.shape)))
              for k, v in batch_shapes(config, task, int(config.input.batch_size)).items()}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-    step = trainer.make_train_step(task, schedule, int(config.get("grad_accum_steps", 1)))
+    step = trainer.make_train_step(task, schedule, int(config.grad_accum_steps))
     return step, (state, frozen, batch, rng), task
 
 
@@ -227,7 +227,7 @@ def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "", 
     from blip2_jax import sharding
 
     mesh = sharding.make_mesh(tuple(config.mesh_shape), devices=devices)
-    accum = int(config.get("grad_accum_steps", 1))
+    accum = int(config.grad_accum_steps)
     batch_size = int(config.input.batch_size)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % (shards * accum):
@@ -267,7 +267,7 @@ def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "", 
     peak_flops = next((v for k, v in trainer.PEAK_FLOPS.items() if device_kind.startswith(k)), None)
     return Plan(topology=topology, devices=len(devices), device_kind=device_kind,
                 mesh=tuple(int(v) for v in mesh.shape.values()), batch=batch_size,
-                remat=str(config.model.get("remat_policy", "none")), accum=accum,
+                remat=str(config.model.remat_policy), accum=accum,
                 trainable_bytes=per_device_bytes(state.params), frozen_bytes=per_device_bytes(frozen),
                 optimizer_bytes=per_device_bytes(state.opt_state), activation_bytes=acts,
                 argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
@@ -280,14 +280,14 @@ def step_flops(config) -> float:
     XLA's cost analysis of the step traced with unrolled layers (`main.unrolled_step_flops`),
     once per model (the search varies only the mesh)."""
     from blip2_jax import tasks
-    from blip2_jax.weights import init as init_lib
+    from blip2_jax.models import build
 
     c = config.copy_and_resolve_references()
     with c.unlocked():
         c.mesh_shape, c.grad_accum_steps = (1, 1, 1), 1
     key = c.to_json_best_effort(sort_keys=True)
     if key not in _FLOPS:
-        task = tasks.get(c.task, init_lib.build_model(c.model)[0], c)
+        task = tasks.get(c.task, build.build_model(c.model)[0], c)
         _FLOPS[key] = trainer.unrolled_step_flops(c, batch_shapes(c, task, int(c.input.batch_size)))
     return _FLOPS[key]
 
@@ -310,9 +310,9 @@ def candidates(config, n_devices: int):
     device on fsdp (parameters and optimizer split), then full remat, then gradient
     accumulation (smaller micro-batches, same global batch: the divisors of the per-device
     batch, up to MAX_ACCUM). Each is a full compile, so the list is short."""
-    remat = str(config.model.get("remat_policy", "none"))
+    remat = str(config.model.remat_policy)
     fsdp = (1, n_devices, 1)
-    accum = int(config.get("grad_accum_steps", 1))
+    accum = int(config.grad_accum_steps)
     per_device = int(config.input.batch_size) // n_devices
     out = [(fsdp, remat, accum), (fsdp, "full", accum)]
     out += [(fsdp, "full", a) for a in range(accum + 1, min(per_device, MAX_ACCUM) + 1) if per_device % a == 0]

@@ -10,6 +10,8 @@ A task is chosen by name (`config.task`):
             head runs only where labels can be (the text, not the soft prompt; with
             `config.losses.lm_loss_tokens = K`, each row's first K labelled positions).
 Each task's `loss(params, batch, rng) -> (scalar, metrics)` takes the merged parameter tree.
+Batches of `input.image_dtype="uint8"` carry raw 0-255 pixels (4x less to send to the devices);
+the task normalises them on the device (`ImageInput`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,20 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax import losses
+
+
+class ImageInput:
+    """`batch["image"]` as the towers take it: CLIP-normalised float pixels."""
+
+    def __init__(self, input_config):
+        self.raw = input_config.image_dtype == "uint8"
+        self.mean, self.std = tuple(input_config.mean), tuple(input_config.std)
+
+    def __call__(self, batch):
+        if not self.raw:
+            return batch["image"]
+        from blip2_jax.data.pipeline import normalize_on_device
+        return normalize_on_device(batch["image"], self.mean, self.std)
 
 
 def _qf(name: str, **kw):
@@ -29,11 +45,12 @@ class Stage1:
 
     def __init__(self, model, config):
         self.model = model
-        lc = config.get("losses", {})
-        self.itc_smoothing = float(lc.get("itc_label_smoothing", 0.1))
-        self.itg_smoothing = float(lc.get("itg_label_smoothing", 0.1))
-        self.same_image_positives = bool(lc.get("same_image_positives", False))
-        self.weights = {k: float(lc.get(f"{k}_weight", 1.0)) for k in ("itc", "itm", "itg")}
+        lc = config.losses
+        self.image = ImageInput(config.input)
+        self.itc_smoothing = float(lc.itc_label_smoothing)
+        self.itg_smoothing = float(lc.itg_label_smoothing)
+        self.same_image_positives = bool(lc.same_image_positives)
+        self.weights = {k: float(lc[f"{k}_weight"]) for k in ("itc", "itm", "itg")}
         self.batch_keys = ("image", "image_id", "qformer_input_ids", "qformer_attention_mask",
                            "qformer_dec_input_ids")
 
@@ -46,7 +63,7 @@ class Stage1:
         image_ids = batch.get("image_id") if self.same_image_positives else None
 
         # Only ln_vision (the tower's last norm) is trainable, so autodiff stops there.
-        image = apply(v, batch["image"], method="encode_image").astype(jnp.float32)
+        image = apply(v, self.image(batch), method="encode_image").astype(jnp.float32)
         query, cache = apply(v, image, method=_qf("query_features", deterministic=False, return_cache=True),
                              rngs=drop(0))
         text = apply(v, ids, mask, method=_qf("text_features", deterministic=False), rngs=drop(1))
@@ -80,12 +97,13 @@ class LanguageModeling:
 
     def __init__(self, model, config):
         self.model = model
-        lc = config.get("losses", {})
-        self.question_to_qformer = bool(lc.get("question_to_qformer", False))
-        self.label_smoothing = float(lc.get("lm_label_smoothing", 0.0))
+        lc = config.losses
+        self.image = ImageInput(config.input)
+        self.question_to_qformer = bool(lc.question_to_qformer)
+        self.label_smoothing = float(lc.lm_label_smoothing)
         # 0: the LM head runs at every text position; K > 0: at the first K labelled positions
         # of each row only (K must cover the longest target, see `losses.labelled_positions`)
-        self.loss_tokens = int(lc.get("lm_loss_tokens", 0))
+        self.loss_tokens = int(lc.lm_loss_tokens)
         self.encoder_decoder = model.config.is_encoder_decoder
         keys = ["image", "llm_input_ids", "llm_attention_mask", "llm_labels"]
         if self.encoder_decoder:
@@ -96,7 +114,7 @@ class LanguageModeling:
 
     def soft_prompt(self, v, batch, rng):
         apply = self.model.apply
-        image = apply(v, batch["image"], method="encode_image")
+        image = apply(v, self.image(batch), method="encode_image")
         if self.question_to_qformer:  # instruction-aware queries: [queries; question] bi-directional
             q = apply(v, image.astype(jnp.float32), batch["qformer_input_ids"], batch["qformer_attention_mask"],
                       method=_qf("multimodal_features", deterministic=False), rngs={"dropout": rng})

@@ -18,8 +18,9 @@ How the trainer's step is meant to look:
     train_step = jax.jit(train_step, donate_argnums=0)
 
 Gradients are taken w.r.t. `state.params` only; `frozen` is an argument (not a closure, which
-would embed the weights as constants) and is not donated because it is reused every step. With
-`grad_accum_steps = k`, `state.step` counts micro-batches; the LR schedule is at `step // k`.
+would embed the weights as constants) and is not donated because it is reused every step.
+Gradient accumulation (`config.grad_accum_steps = k`) happens inside the step (`main.make_train_step`:
+a scan over k micro-batches, one optimizer update), so `state.step` always counts updates.
 """
 from __future__ import annotations
 
@@ -33,10 +34,36 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from blip2_jax.optim import NORM_PATTERN
+# ----------------------------------------------------------------------------------------------
+# The one table of what is frozen (read by the trainer, the transformers loader and the optimizer)
+# ----------------------------------------------------------------------------------------------
+# Paper §3.1: the image encoder and the LLM are frozen. ln_vision (the ViT's `post_layernorm`)
+# sits outside the frozen ViT in LAVIS and is trained with the Q-Former.
+FROZEN_TOWERS = ("vision_model", "language_model")
+TRAINED_IN_TOWERS = ("vision_model/post_layernorm",)
+# Norm parameters (kept float32 in frozen half-precision towers, never weight-decayed):
+# layer_norm1, post_layernorm, ln_vision, final_layer_norm, ...
+NORM_PATTERN = r"(?i)(norm|(^|/)ln(_|\d|/))"
 
-# Stages 1 and 2: the ViT (but not ln_vision = post_layernorm, trained in LAVIS) and the LLM.
-DEFAULT_FROZEN_PATTERNS = (r"^vision_model/(?!post_layernorm)", r"^language_model/")
+
+def frozen_patterns(towers: Sequence[str] = FROZEN_TOWERS, sep: str = "/") -> list[str]:
+    """Regexes of the frozen parameters of `towers`: '/'-joined paths of our params tree, or
+    (sep=".") transformers' tensor names. The `TRAINED_IN_TOWERS` exceptions are left out."""
+    out = []
+    for tower in towers:
+        inner = [t[len(tower) + 1:] for t in TRAINED_IN_TOWERS if t.startswith(tower + "/")]
+        skip = "".join(f"(?!{re.escape(t.replace('/', sep))}({re.escape(sep)}|$))" for t in inner)
+        out.append(f"^{re.escape(tower)}{re.escape(sep)}{skip}")
+    return out
+
+
+def trained_in_towers_pattern() -> str:
+    """Regex of the `TRAINED_IN_TOWERS` parameters ('/'-joined paths)."""
+    return "^(" + "|".join(map(re.escape, TRAINED_IN_TOWERS)) + ")(/|$)"
+
+
+# Stages 1 and 2: the ViT (but not ln_vision) and the LLM.
+DEFAULT_FROZEN_PATTERNS = tuple(frozen_patterns())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +113,13 @@ def cast_frozen(frozen: Mapping, dtype=jnp.bfloat16, keep_float32: str | None = 
                 leaf = leaf.astype(dtype)
         out[path] = leaf
     return traverse_util.unflatten_dict(out)
+
+
+def split_and_cast(params: Mapping, config) -> tuple[dict, dict]:
+    """The trainer's set-up of a freshly initialised tree: (trainable, frozen) by
+    `config.frozen_patterns`, the frozen part cast to `config.model.frozen_param_dtype`."""
+    trainable, frozen = split_params(params, list(config.frozen_patterns))
+    return trainable, cast_frozen(frozen, config.model.frozen_param_dtype)
 
 
 def tree_bytes(tree) -> int:

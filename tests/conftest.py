@@ -19,3 +19,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 GOLDEN = ROOT / "tests" / "golden"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: minutes of CPU (multi-process, training runs, whole pipelines); "
+        "`./run_tests.sh --fast` leaves them out")

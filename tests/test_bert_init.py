@@ -33,6 +33,7 @@ MINILM = Blip2Config(qformer=QFormerConfig(vocab_size=30523, hidden_size=384, nu
                      num_query_tokens=2, image_text_hidden_size=8)
 
 
+@pytest.mark.slow
 def test_text_path_is_bert():
     golden = GOLDEN / "bert_minilm" / "reference.npz"
     if not golden.exists():
@@ -95,6 +96,7 @@ def test_fewer_bert_layers_is_an_error_naming_both():
         qformer_from_bert(tiny_bert(layers=1), TINY)
 
 
+@pytest.mark.slow
 def test_lm_head_and_names_from_bert_for_masked_lm():
     sd = tiny_bert(layers=3)  # deeper BERT: its first 2 layers are used
     params = qformer_from_bert(sd, TINY, rng=1)

@@ -114,6 +114,7 @@ def one_line_error(run):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input(photos, tmp_path):
     opt = GOLDEN / "blip2_opt"
     (tmp_path / "fake.jpg").write_text("this is text")

@@ -3,6 +3,7 @@ import io
 import time
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -74,6 +75,7 @@ def test_deterministic_and_disjoint():
         ss.scene_key(other["train"][0][1]) != ss.scene_key(a["train"][0][1])
 
 
+@pytest.mark.slow
 def test_builds_in_seconds_and_reads_back(tmp_path):
     start = time.perf_counter()
     b = builders.prepare_dataset("synthetic_shapes", tmp_path)  # the default size

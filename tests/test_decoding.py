@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from blip2_jax import decoding
-from blip2_jax import logits_processors as lp
 from tests.conftest import GOLDEN
 
 GOLDEN_FILE = GOLDEN / "decoding" / "hf_decoding.npz"
@@ -207,8 +206,8 @@ def pad_to(x, n, fill):
 def golden():
     data = np.load(GOLDEN_FILE)
     stub = Stub(data["T"], data["G"], data["S"], data["prompt"])
-    counted = lp.repetition_counted_positions(data["prompt_mask"])
-    presence = lp.token_presence(data["prompt"], data["T"].shape[1], counted)
+    counted = decoding.repetition_counted_positions(data["prompt_mask"])
+    presence = decoding.token_presence(data["prompt"], data["T"].shape[1], counted)
     seen = [set(np.flatnonzero(r)) for r in np.asarray(presence)]
     return dict(data=data, stub=stub, presence=presence, seen=seen,
                 greedy=json.loads(str(data["greedy_configs"])), beam=json.loads(str(data["beam_configs"])))
@@ -281,7 +280,7 @@ EXTRA = [
 @pytest.mark.parametrize("c", EXTRA, ids=lambda c: f"seed{c['seed']}")
 def test_beam_search_matches_loop_reference(c):
     stub = random_stub(c["seed"], split_axes=c["seed"] % 2 == 0)
-    presence = lp.token_presence(stub.prompt, VOCAB)
+    presence = decoding.token_presence(stub.prompt, VOCAB)
     seen = [set(int(x) for x in row) for row in stub.prompt]
     ref_tokens, ref_scores = ref_beam(stub, seen, **ref_kwargs(c))
     tokens, scores = run_beam(stub, presence, **beam_kwargs(c))
@@ -303,7 +302,7 @@ def test_stub_depends_on_cached_history():
 
 def test_greedy_matches_argmax_loop_with_eos_list():
     stub = random_stub(21, split_axes=False)
-    presence = lp.token_presence(stub.prompt, VOCAB)
+    presence = decoding.token_presence(stub.prompt, VOCAB)
     seen = [set(int(x) for x in row) for row in stub.prompt]
     kw = dict(max_new=12, min_new=3, rep=1.3, eos=[2, 7], pad=0)
     ref = ref_greedy(stub, seen, **kw)
@@ -353,7 +352,7 @@ def run_sample(stub, presence, rng, **kw):
 
 def test_sample_top_k_1_is_greedy():
     stub = random_stub(40, split_axes=False)
-    presence = lp.token_presence(stub.prompt, VOCAB)
+    presence = decoding.token_presence(stub.prompt, VOCAB)
     common = dict(max_new_tokens=10, min_new_tokens=2, eos_token_id=2, pad_token_id=0,
                   repetition_penalty=1.2)
     greedy = run_greedy(stub, presence, **common)
@@ -365,7 +364,7 @@ def test_sample_top_k_1_is_greedy():
 
 def test_sample_reproducible_with_seed():
     stub = random_stub(41, split_axes=False)
-    presence = lp.token_presence(stub.prompt, VOCAB)
+    presence = decoding.token_presence(stub.prompt, VOCAB)
     kw = dict(max_new_tokens=10, eos_token_id=2, pad_token_id=0, temperature=1.5, top_k=0)
     a = run_sample(stub, presence, jax.random.key(7), **kw)
     b = run_sample(stub, presence, jax.random.key(7), **kw)
@@ -416,7 +415,7 @@ def test_top_p_keeps_smallest_nucleus():
                                   [0.1, 0.4, 0.05, 0.3, 0.15],
                                   [0.7, 0.1, 0.1, 0.05, 0.05]], jnp.float32))
     keep = np.isfinite(np.asarray(jnp.concatenate([
-        lp.top_p_filter(scores[:2], 0.65), lp.top_p_filter(scores[2:], 0.5)])))
+        decoding.top_p_filter(scores[:2], 0.65), decoding.top_p_filter(scores[2:], 0.5)])))
     # rows 0-1 (p=0.65): ascending cumulative 0.05, 0.15, 0.30 | 0.60, 1.0 -> drop those <= 0.35.
     np.testing.assert_array_equal(keep[0], [False, True, False, True, False])
     np.testing.assert_array_equal(keep[1], [False, True, False, True, False])
@@ -426,17 +425,17 @@ def test_top_p_keeps_smallest_nucleus():
 
 def test_top_k_keeps_boundary_ties():
     scores = jnp.asarray([[1.0, 3.0, 2.0, 2.0, 0.5]])
-    np.testing.assert_array_equal(np.isfinite(lp.top_k_filter(scores, 2)),
+    np.testing.assert_array_equal(np.isfinite(decoding.top_k_filter(scores, 2)),
                                   [[False, True, True, True, False]])
 
 
 def test_repetition_penalty_and_min_tokens_by_hand():
     scores = jnp.asarray([[2.0, -2.0, 1.0, -1.0]])
     presence = jnp.asarray([[True, True, False, False]])
-    out = lp.process_scores(scores, presence, jnp.int32(0), repetition_penalty=2.0,
+    out = decoding.process_scores(scores, presence, jnp.int32(0), repetition_penalty=2.0,
                             min_new_tokens=1, eos_ids=(3,))
     np.testing.assert_array_equal(out, [[1.0, -4.0, 1.0, -math.inf]])
-    out = lp.process_scores(scores, presence, jnp.int32(1), repetition_penalty=2.0,
+    out = decoding.process_scores(scores, presence, jnp.int32(1), repetition_penalty=2.0,
                             min_new_tokens=1, eos_ids=(3,))
     np.testing.assert_array_equal(out, [[1.0, -4.0, 1.0, -1.0]])
 
@@ -444,8 +443,8 @@ def test_repetition_penalty_and_min_tokens_by_hand():
 def test_presence_helpers():
     ids = jnp.asarray([[1, 1, 4, 2, 1], [0, 3, 3, 9, 1]])
     mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 0, 1, 1]])
-    counted = lp.repetition_counted_positions(mask)
+    counted = decoding.repetition_counted_positions(mask)
     np.testing.assert_array_equal(counted, [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    pres = np.asarray(lp.token_presence(ids, 5, counted))  # 9 is outside the vocab: ignored
+    pres = np.asarray(decoding.token_presence(ids, 5, counted))  # 9 is outside the vocab: ignored
     np.testing.assert_array_equal(pres, [[0, 1, 1, 0, 1], [1, 1, 0, 1, 0]])
-    np.testing.assert_array_equal(lp.add_tokens(jnp.asarray(pres), jnp.asarray([3, 7]))[:, 3], [1, 1])
+    np.testing.assert_array_equal(decoding.add_tokens(jnp.asarray(pres), jnp.asarray([3, 7]))[:, 3], [1, 1])

@@ -75,8 +75,9 @@ def _coco_copy(manual):
     _write(manual / "dataset_coco.json", {"images": images})
 
 
+@pytest.mark.slow
 def test_evaluate_caption_t5_and_retrieval_itm_models(tmp_path):
-    from blip2_jax.evaluate import evaluate
+    from blip2_jax.cli.evaluate import evaluate
     manual = tmp_path / "coco"
     _coco_copy(manual)
     c = _config("coco_caption")
@@ -122,10 +123,11 @@ def _fake_workdir(path, name):
     return jax.tree.map(np.asarray, state.params)
 
 
+@pytest.mark.slow
 def test_evaluate_synthetic_shapes_from_workdirs(tmp_path):
-    from blip2_jax import evaluate as cli
+    from blip2_jax.cli import evaluate as cli
     from blip2_jax import sharding, train_state
-    from blip2_jax.evaluators import runners
+    from blip2_jax.evaluators import registry
 
     def shapes(kind):
         c = _config("synthetic_shapes", kind)
@@ -143,9 +145,9 @@ def test_evaluate_synthetic_shapes_from_workdirs(tmp_path):
     loaded, _ = train_state.split_params(pred.params, list(train_state.DEFAULT_FROZEN_PATTERNS))
     np.testing.assert_array_equal(np.asarray(loaded["qformer"]["query_tokens"]),
                                   trained["qformer"]["query_tokens"])
-    cap = dict(runners.CaptionEvaluator(shapes("caption")).evaluate(pred))
+    cap = dict(registry.EVALUATORS["caption"](shapes("caption")).evaluate(pred))
     assert {"Bleu_4", "CIDEr"} <= set(cap)
-    vqa = dict(runners.VqaEvaluator(shapes("vqa")).evaluate(pred))
+    vqa = dict(registry.EVALUATORS["vqa"](shapes("vqa")).evaluate(pred))
     assert set(vqa) == {"accuracy"} and 0.0 <= vqa["accuracy"] <= 100.0
     preds = _read(tmp_path / "vqa" / "vqa_synthetic_shapes-tiny_validation_predictions.json")
     assert len(preds) == 16  # one question per validation scene, keyed by image id

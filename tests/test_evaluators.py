@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from blip2_jax.data import builders
 from blip2_jax.data import transforms
-from blip2_jax.evaluators import registry, runners
+from blip2_jax.evaluators import base, caption, registry, retrieval, vqa
 from tests.conftest import GOLDEN
 from tests.test_data_builders import _jpeg, _vqa_copy, _write
 
@@ -40,9 +40,9 @@ class FakePredictor:
         idx = self._index(pixel_values)
         feats = np.zeros((len(idx), 2, 8), np.float32)
         feats[np.arange(len(idx)), 0, idx] = 1
-        return idx[:, None, None].astype(np.float32), feats
+        return {"image_embeds": idx[:, None, None].astype(np.float32), "image_feats": feats}
 
-    def tokenize_texts(self, texts, max_len):  # token 0: the image number, token 1: "alt"
+    def qformer_tokens(self, texts, max_len):  # token 0: the image number, token 1: "alt"
         ids = np.zeros((len(texts), max_len), np.int32)
         for i, t in enumerate(texts):
             ids[i, 0] = int(re.search(r"\d+", t).group())
@@ -65,7 +65,7 @@ class FakePredictor:
 
 
 def _config(kind, tmp_path, manual, dataset, split, **fields):
-    c = runners.base_config(kind)
+    c = base.base_config(kind)
     c.input.update(dict(dataset=dataset, split=split, data_dir=str(tmp_path / "tfds"),
                         manual_dir=str(manual), batch_size=8, image_size=16, read_threads=1))
     c.output_dir = str(tmp_path / "out")
@@ -87,7 +87,7 @@ def test_vqav2_accuracy_prompts_and_submission_file(tmp_path):
               "v2_mscoco_val2014_annotations.json", "val2014")  # 10 answers: 7 "two", 3 "2"
     fake = FakePredictor({"Question: what is 0? Short answer:": "Two.",
                           "Question: what is 1? Short answer:": "2"}, default="cat")
-    ev = runners.VqaEvaluator(_config("vqa", tmp_path, manual, "vqav2", "validation"))
+    ev = vqa.VqaEvaluator(_config("vqa", tmp_path, manual, "vqav2", "validation"))
     results = dict(ev.evaluate(fake))
     # "Two." and "2" both normalise to "2", which 3 of 10 humans gave: each leave-one-out subset
     # has 3 matches (credit 1) except the 3 leaving out a "2" (credit 2/3) -> 0.9; "cat" -> 0.
@@ -108,7 +108,7 @@ def test_vqa_opt_defaults_and_test_dev_without_answers(tmp_path):
     manual = tmp_path / "vqa"
     _vqa_copy(manual, "v2_OpenEnded_mscoco_test-dev2015_questions.json", None, "test2015", 2)
     fake = FakePredictor(llm_kind="opt", default="yes")
-    ev = runners.VqaEvaluator(_config("vqa", tmp_path, manual, "vqav2", "test_dev"))
+    ev = vqa.VqaEvaluator(_config("vqa", tmp_path, manual, "vqav2", "test_dev"))
     assert dict(ev.evaluate(fake)) == {}  # nothing to score
     _, prompts, options = fake.calls[0]
     assert prompts[0] == "Question: what is 0? Answer:" and options["length_penalty"] == 0.0
@@ -123,9 +123,9 @@ def test_okvqa_lemmatises_predictions(tmp_path):
     _write(manual / "mscoco_val2014_annotations.json", {"annotations": [
         {"question_id": 70, "answers": [{"answer": "dog", "raw_answer": "dog"}] * 10}]})
     fake = FakePredictor(default="dogs")
-    ok = dict(runners.VqaEvaluator(_config("vqa", tmp_path, manual, "okvqa", "validation",
+    ok = dict(vqa.VqaEvaluator(_config("vqa", tmp_path, manual, "okvqa", "validation",
                                            metric="okvqa")).evaluate(fake))
-    plain = dict(runners.VqaEvaluator(_config("vqa", tmp_path, manual, "okvqa", "validation",
+    plain = dict(vqa.VqaEvaluator(_config("vqa", tmp_path, manual, "okvqa", "validation",
                                               metric="vqav2")).evaluate(fake))
     assert ok == {"accuracy": 100.0} and plain == {"accuracy": 0.0}  # "dogs" -> "dog"
 
@@ -140,7 +140,7 @@ def test_gqa_exact_match_and_submission_format(tmp_path):
     _write(manual / "testdev_balanced_questions.json", qs)
     fake = FakePredictor({"Question: is it red? Short answer:": "Yes.",
                           "Question: what is it? Short answer:": "a cat"}, default="blue")
-    results = dict(runners.VqaEvaluator(_config("vqa", tmp_path, manual, "gqa_balanced", "testdev",
+    results = dict(vqa.VqaEvaluator(_config("vqa", tmp_path, manual, "gqa_balanced", "testdev",
                                                 metric="gqa")).evaluate(fake))
     assert results == {"accuracy": pytest.approx(200 / 3)}  # punctuation and articles go
     preds = _read(tmp_path / "out" / "vqa_gqa_balanced_testdev_predictions.json")
@@ -163,7 +163,7 @@ def test_caption_scores_and_results_file(tmp_path):
                        "sentences": [{"raw": r} for r in refs]})
     _write(manual / "dataset_coco.json", {"images": images})
     fake = FakePredictor({"a photo of": "a man riding a red bicycle down a busy city street"})
-    ev = runners.CaptionEvaluator(_config("caption", tmp_path, manual, "coco_karpathy", "test",
+    ev = caption.CaptionEvaluator(_config("caption", tmp_path, manual, "coco_karpathy", "test",
                                           spice=False))
     results = dict(ev.evaluate(fake))
     _, prompts, options = fake.calls[0]
@@ -207,7 +207,7 @@ def _flickr_copy(manual, n=4):
 def test_retrieval_reranks_itc_top_k_with_itm(tmp_path, k, expected):
     manual = tmp_path / "f30k"
     _flickr_copy(manual)
-    ev = runners.RetrievalEvaluator(_config("retrieval", tmp_path, manual, "flickr30k_karpathy",
+    ev = retrieval.RetrievalEvaluator(_config("retrieval", tmp_path, manual, "flickr30k_karpathy",
                                             "test", k=k, text_batch_size=8, itm_rows_per_call=3))
     results = dict(ev.evaluate(FakePredictor()))
     for key, value in expected.items():
@@ -222,7 +222,7 @@ def test_retrieval_reranks_itc_top_k_with_itm(tmp_path, k, expected):
 
 # ------------------------------------------------------------------------------ synthetic_shapes
 def _shapes_config(kind, tmp_path, **fields):
-    c = runners.base_config(kind)
+    c = base.base_config(kind)
     c.input.update(dict(dataset="synthetic_shapes/tiny", split="validation",
                         data_dir=str(tmp_path / "tfds"), batch_size=8, image_size=16,
                         read_threads=1))
@@ -260,24 +260,25 @@ def test_shapes_caption_and_retrieval_run(tmp_path):
     builders.prepare_dataset("synthetic_shapes/tiny", tmp_path / "tfds")
     records = _shapes_records(tmp_path)
     first = records[0]["captions"][0].decode()
-    cap = runners.CaptionEvaluator(_shapes_config("caption", tmp_path, prompt="", spice=False))
+    cap = caption.CaptionEvaluator(_shapes_config("caption", tmp_path, prompt="", spice=False))
     res = dict(cap.evaluate(FakePredictor({"": first})))
     assert {"Bleu_4", "CIDEr", "METEOR", "ROUGE_L"} <= set(res) and res["CIDEr"] > 0
 
     class ShapesRetrieval(FakePredictor):  # every image and text alike: ties everywhere
         def image_features(self, px):
-            return np.zeros((len(px), 1, 1), np.float32), np.ones((len(px), 2, 8), np.float32) / 8**.5
+            return {"image_embeds": np.zeros((len(px), 1, 1), np.float32),
+                    "image_feats": np.ones((len(px), 2, 8), np.float32) / 8**.5}
 
         def text_features(self, ids, mask):
             return np.ones((len(ids), 8), np.float32) / 8**.5
 
-        def tokenize_texts(self, texts, max_len):
+        def qformer_tokens(self, texts, max_len):
             return np.zeros((len(texts), max_len), np.int32), np.ones((len(texts), max_len), np.int32)
 
         def itm_scores(self, e, ids, mask):
             return np.zeros(len(ids), np.float32)
 
-    ret = runners.RetrievalEvaluator(_shapes_config("retrieval", tmp_path, k=4))
+    ret = retrieval.RetrievalEvaluator(_shapes_config("retrieval", tmp_path, k=4))
     res = dict(ret.evaluate(ShapesRetrieval()))
     n_img = len(records)
     # All scores tie: the lowest index wins, so only image 0 finds its captions at R@1, and only
@@ -288,20 +289,20 @@ def test_shapes_caption_and_retrieval_run(tmp_path):
 
 
 def test_config_defaults_and_errors():
-    c = runners.with_defaults({"type": "caption", "input": {"dataset": "nocaps"}})
+    c = base.with_defaults({"type": "caption", "input": {"dataset": "nocaps"}})
     assert (c.prompt, c.generation.num_beams, c.generation.min_new_tokens, c.input.split) == (
         "a photo of", 5, 8, "validation")
     with pytest.raises(ValueError, match="unknown field generation.beams"):
-        runners.with_defaults({"type": "vqa", "generation": {"beams": 3}})
+        base.with_defaults({"type": "vqa", "generation": {"beams": 3}})
     with pytest.raises(ValueError, match="unknown evaluator type"):
-        runners.with_defaults({"type": "bleu"})
+        base.with_defaults({"type": "bleu"})
     with pytest.raises(ValueError, match="unknown type"):
         registry.from_config({"x": {"type": "nope"}})
 
 
 # ------------------------------------------------------------------------------ the model predictor
 def _golden_predictor(case):
-    from blip2_jax.evaluators.predictor import ModelPredictor
+    from blip2_jax import serving
     from blip2_jax.models.blip2 import Blip2
     from blip2_jax.weights import hf
     d = GOLDEN / case
@@ -309,8 +310,8 @@ def _golden_predictor(case):
     gen = json.loads((d / "generation_config.json").read_text()) if cfg.text else None
     ref = json.loads((d / "reference.json").read_text())
     npz = np.load(d / "reference.npz")
-    pred = ModelPredictor(Blip2(cfg), cfg, None, params, llm_tokenizer=str(d) if cfg.text else None,
-                          qformer_tokenizer=None if cfg.text else str(d), generation_config=gen)
+    pred = serving.Predictor(Blip2(cfg), params, cfg, tokenizer=str(d) if cfg.text else None,
+                             qformer_tokenizer=None if cfg.text else str(d), generation_config=gen)
     return pred, ref, npz
 
 
@@ -326,17 +327,18 @@ def test_model_predictor_generates_like_transformers(case, names):
             continue
         kw = {k: v for k, v in g["kwargs"].items() if k != "do_sample"}
         got = pred.generate(images[g["image_index"]], g["prompts"], max_prompt_len=24, **kw)
-        want = [pred.llm_tokenizer.decode(t).strip() for t in g["new_tokens"]]
+        want = [pred.tokenizer.decode(t).strip() for t in g["new_tokens"]]
         assert got == want, g["name"]
 
 
 def test_model_predictor_itc_itm_like_transformers():
-    from blip2_jax.evaluators.predictor import itc_similarity
+    from blip2_jax.serving import itc_similarity
     pred, ref, npz = _golden_predictor("blip2_itm")
-    embeds, feats = pred.image_features(npz["pixel_values"].transpose(0, 2, 3, 1))
+    f = pred.image_features(npz["pixel_values"].transpose(0, 2, 3, 1))
+    embeds, feats = f["image_embeds"], f["image_feats"]
     np.testing.assert_allclose(feats, npz["image_embeds"], atol=1e-5)
     np.testing.assert_allclose(embeds, npz["vision_last_hidden_state"], atol=1e-4)
-    ids, mask = pred.tokenize_texts(ref["texts"], npz["input_ids"].shape[1])
+    ids, mask = pred.qformer_tokens(ref["texts"], npz["input_ids"].shape[1])
     np.testing.assert_array_equal(ids, npz["input_ids"])
     text = pred.text_features(ids, mask)
     np.testing.assert_allclose(text, npz["text_embeds"], atol=1e-5)
@@ -366,10 +368,10 @@ def test_trainer_entry_point_builds_the_model_predictor(tmp_path):
     (_, _, evaluator), = evals.runs
     via_run = dict(evaluator.run(trainable, frozen))
     pred, _, _ = _golden_predictor("blip2_itm")
-    direct = dict(runners.RetrievalEvaluator(ec).evaluate(pred))
+    direct = dict(retrieval.RetrievalEvaluator(ec).evaluate(pred))
     assert via_run == direct and set(via_run) >= {"txt_r1", "img_r1", "itc_txt_r1"}
     ec.image_bank_on_device = False  # ITM images sent from the host instead: same scores
     written = tmp_path / "out" / "retrieval_flickr30k_karpathy_test_predictions.json"
     written.rename(tmp_path / "bank.json")
-    assert dict(runners.RetrievalEvaluator(ec).evaluate(pred)) == direct
+    assert dict(retrieval.RetrievalEvaluator(ec).evaluate(pred)) == direct
     assert _read(tmp_path / "bank.json") == _read(written)

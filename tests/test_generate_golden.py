@@ -92,12 +92,12 @@ def test_same_bucket_does_not_recompile(setup):
     n = longest(case["prompts"])
     others = [["a picture of", "Question: " + q + "? Answer:"] for q in
               ("what is it", "what is in it", "what is in the image", "what is shown", "who is it")]
-    others = [p for p in others if longest(p) != n and model._bucket(longest(p)) == model._bucket(n)]
+    others = [p for p in others if longest(p) != n and model.predictor.bucket(longest(p)) == model.predictor.bucket(n)]
     assert others, "no prompt pair of another length in the same bucket"
     generate_case(model, photos, case)
-    size = model._generate._cache_size()
+    size = model.predictor._generate._cache_size()
     model.generate_ids([photos[0], photos[1]], others[0], max_new_tokens=case["kwargs"]["max_new_tokens"])
-    assert model._generate._cache_size() == size
+    assert model.predictor._generate._cache_size() == size
 
 
 def test_sampling_top_k_1_is_greedy(setup):
@@ -116,3 +116,21 @@ def test_sampling_is_seeded(setup):
     assert len(a) == 4
     assert a == model.generate_ids(photos[:2], None, seed=1, **kw)
     assert a != model.generate_ids(photos[:2], None, seed=2, **kw)
+
+
+def test_empty_prompt_without_bos_matches_transformers(tmp_path):
+    """blip2_opt with a tokenizer that adds no BOS (GPT-2 as transformers saves it) and the
+    prompt "": the reference generates from the query embeddings alone (golden: no_bos/)."""
+    src, d = GOLDEN / "blip2_opt", tmp_path / "blip2_opt_no_bos"
+    d.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "reference")):
+            (d / f.name).symlink_to(f)
+    for f in (src / "no_bos").glob("tokenizer*"):
+        (d / f.name).symlink_to(f)
+    ref = json.loads((src / "no_bos" / "reference.json").read_text())
+    model = blip2_jax.load(d)
+    assert model.tokenizer("")["input_ids"] == []
+    photos = [getattr(skimage_data, n)() for n in ref["images"]]
+    for case in ref["generate"]:
+        assert generate_case(model, photos, case) == case["new_tokens"], case["name"]

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # minutes of CPU: left out of ./run_tests.sh --fast
+
 # Thresholds from --fast runs (docs/miniature.md), with a margin; what chance gives, for scale.
 VISION_COLOUR_ACC = 0.60     # measured 0.84: colour of the occupied grid cells; chance 1/8
 LM_CAPTION_QA_LOSS = 0.75    # measured 0.62 nats/token on held-out caption + QA documents;

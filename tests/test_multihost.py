@@ -26,6 +26,8 @@ from blip2_jax import main, sharding
 from blip2_jax.data import pipeline
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # minutes of CPU: left out of ./run_tests.sh --fast
+
 STEPS = 3          # stage 2
 MESH = (2, 4, 1)   # data x fsdp: batches and parameters are both split across the processes
 NPROC = 2

@@ -55,6 +55,7 @@ def test_inference_notebook_runs():
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
 
 
+@pytest.mark.slow
 def test_miniature_training_notebook_runs(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the kernel's devices
     nb = _execute("blip2_miniature_training.ipynb")

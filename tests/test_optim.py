@@ -168,38 +168,35 @@ def test_layerwise_scales_shapes_for_scanned_leaves():
 # ----------------------------------------------------------------------------------------------
 # Gradient accumulation
 # ----------------------------------------------------------------------------------------------
-def test_multisteps_equals_large_batch():
+def test_trainer_accumulation_equals_large_batch():
+    """`config.grad_accum_steps = 4` (main.make_train_step: mean of 4 micro-batch gradients,
+    one update) takes the same optimizer steps as the whole batch at once."""
+    from blip2_jax import main, train_state
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
     params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
                         "bias": jnp.zeros(2)}}
 
-    def loss(p, xb, yb):
-        return jnp.mean((xb @ p["dense"]["kernel"] + p["dense"]["bias"] - yb) ** 2)
+    class Task:  # mean squared error; the metrics are averaged like the loss
+        def loss(self, p, batch, r):
+            err = jnp.mean((batch["x"] @ p["dense"]["kernel"] + p["dense"]["bias"] - batch["y"]) ** 2)
+            return err, {"err": err}
 
-    common = dict(init_lr=1e-3, peak_lr=1e-2, warmup_steps=2, total_steps=6, min_lr=1e-3,
-                  weight_decay=0.1, grad_clip_norm=0.5)  # clipping active: grads norm > 0.5
-    big = optim.make_optimizer(cfg(**common), params)
-    acc = optim.make_optimizer(cfg(grad_accum_steps=4, **common), params)
-    grad = jax.jit(jax.grad(loss))
-    assert optax_global_norm(grad(params, x, y)) > 0.5
-
-    p_big, s_big = params, big.init(params)
-    p_acc, s_acc = params, acc.init(params)
+    c = cfg(init_lr=1e-3, peak_lr=1e-2, warmup_steps=2, total_steps=6, min_lr=1e-3,
+            weight_decay=0.1, grad_clip_norm=0.5)  # clipping active: grads norm > 0.5
+    tx, schedule = optim.make_optimizer(c, params), optim.make_schedule(c)
+    big = jax.jit(main.make_train_step(Task(), schedule, 1))
+    acc = jax.jit(main.make_train_step(Task(), schedule, 4))
+    s_big = s_acc = train_state.TrainState.create(params, tx)
     for _ in range(3):  # three optimizer steps, so the schedule counts must line up too
-        u, s_big = big.update(grad(p_big, x, y), s_big, p_big)
-        p_big = jax.tree.map(lambda a, b: a + b, p_big, u)
-        for k in range(4):
-            sl = slice(2 * k, 2 * k + 2)
-            u, s_acc = acc.update(grad(p_acc, x[sl], y[sl]), s_acc, p_acc)
-            new = jax.tree.map(lambda a, b: a + b, p_acc, u)
-            if k < 3:  # no update until the 4th micro-batch
-                jax.tree.map(np.testing.assert_array_equal, new, p_acc)
-            p_acc = new
+        s_big, m_big = big(s_big, {}, {"x": x, "y": y}, jax.random.key(0))
+        s_acc, m_acc = acc(s_acc, {}, {"x": x, "y": y}, jax.random.key(0))
+        assert m_big["grad_norm"] > 0.5
+        np.testing.assert_allclose(m_acc["grad_norm"], m_big["grad_norm"], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                     p_acc, p_big)
-
+                     s_acc.params, s_big.params)
+    assert int(s_acc.step) == int(s_big.step) == 3
 
 def optax_global_norm(tree):
     return float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree))))

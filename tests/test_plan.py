@@ -11,8 +11,10 @@ import pytest
 
 from blip2_jax import plan as plan_lib
 from blip2_jax import sharding, train_state
-from blip2_jax.weights import init as init_lib
+from blip2_jax.models import build
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # minutes of CPU: left out of ./run_tests.sh --fast
 
 HBM = 4 * plan_lib.GIB  # far more than the tiny model needs
 
@@ -45,8 +47,8 @@ def fsdp(cpu8):
 
 
 def _trainable_param_bytes():
-    model, cfg = init_lib.build_model(_config().model)
-    params = sharding.unbox(init_lib.abstract_params(model, cfg))
+    model, cfg = build.build_model(_config().model)
+    params = sharding.unbox(build.abstract_params(model, cfg))
     trainable, _ = train_state.split_params(params, list(_config().frozen_patterns))
     return train_state.tree_bytes(trainable)
 

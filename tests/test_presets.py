@@ -11,7 +11,7 @@ import flax.linen as nn
 from blip2_jax import train_state
 from blip2_jax.models import presets
 from blip2_jax.models.blip2 import Blip2
-from blip2_jax.weights import init
+from blip2_jax.models import build
 from tests.conftest import GOLDEN
 
 REFERENCE = json.loads((GOLDEN / "param_counts.json").read_text())
@@ -19,7 +19,7 @@ REFERENCE = json.loads((GOLDEN / "param_counts.json").read_text())
 
 def _counts(name):
     cfg = presets.PRESETS[name]
-    abstract = nn.unbox(init.abstract_params(Blip2(cfg), cfg))
+    abstract = nn.unbox(build.abstract_params(Blip2(cfg), cfg))
     trainable, frozen = train_state.split_params(abstract, list(train_state.DEFAULT_FROZEN_PATTERNS))
     n = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
     return cfg, n(trainable), n(trainable) + n(frozen)

@@ -295,6 +295,7 @@ def test_vit_and_qformer_sharded_on_8_devices():
     assert max_diff(out, ref["qformer_query_output"]) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_keeps_outputs_and_gradients(policy):
     """Stage 1 keeps only Q-Former activations: rematerialised layers must give transformers'

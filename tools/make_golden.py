@@ -863,8 +863,54 @@ def make_bert_minilm(tmp):
     return None
 
 
-CASES = {"blip2_opt": make_blip2_opt, "blip2_itm": make_blip2_itm, "blip2_t5": make_blip2_t5,
-         "clip_vit": make_clip_vit, "bert_minilm": make_bert_minilm}
+# --- blip2_opt with a tokenizer that adds no BOS ---------------------------------------------------------------
+def make_blip2_opt_no_bos(tmp):
+    """blip2_opt's weights with its GPT-2 tokenizer as transformers saves a plain one (no BOS added): a prompt that
+    tokenizes to nothing ("") leaves generate() the Q query embeddings alone. Writes blip2_opt/no_bos/ (tokenizer
+    files + reference.json); run after blip2_opt."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2Processor, GPT2Tokenizer
+
+    src = GOLDEN / "blip2_opt"
+    out = src / "no_bos"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
+    GPT2Tokenizer.from_pretrained(src, add_bos_token=False).save_pretrained(out)
+    tidy_tokenizer_config(out)
+    compact_tokenizer_json(out)
+    tok = AutoTokenizer.from_pretrained(out)  # as a user would load it
+    assert tok("")["input_ids"] == [] and tok("a")["input_ids"][0] != tok.bos_token_id
+    model = Blip2ForConditionalGeneration.from_pretrained(src, attn_implementation="eager").eval()
+    image = Blip2Processor.from_pretrained(src).image_processor
+    q = model.config.num_query_tokens
+    proc = Blip2Processor(image_processor=image, tokenizer=tok, num_query_tokens=q)
+    all_pixels = proc(images=[photo(p) for p in PHOTOS], return_tensors="pt")["pixel_values"]
+    enc = proc(images=[photo(p) for p in PHOTOS[:2]], text=["", ""], padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == q and bool((enc["input_ids"] == model.config.image_token_index).all())
+    model64 = copy.deepcopy(model).double()
+    gens, gap = [], float("inf")
+    for name, idx, kwargs in [("greedy_empty_prompt", [0, 1], {"max_new_tokens": 10}),
+                              ("beam3_empty_prompt", [1, 2], {"max_new_tokens": 8, "num_beams": 3,
+                                                              "length_penalty": 1.0, "early_stopping": False})]:
+        ids = torch.full((len(idx), q), model.config.image_token_index, dtype=torch.long)
+        inputs = {"pixel_values": all_pixels[idx], "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        new, g = run_generate(model, inputs, kwargs, OPT_EOS_ID, None)
+        new64, _ = run_generate(model64, dict(inputs, pixel_values=inputs["pixel_values"].double()), kwargs,
+                                OPT_EOS_ID, None)
+        assert new64 == new, f"{name}: float64 generation differs: {new} vs {new64}"
+        gap = min(gap, g)
+        gens.append({"name": name, "image_index": idx, "prompts": ["", ""], "kwargs": dict(kwargs, do_sample=False),
+                     "new_tokens": new, "hit_eos": [OPT_EOS_ID in row for row in new], "min_score_gap": round(g, 6)})
+    assert gap > MIN_GAP, gap
+    ref = {"case": "blip2_opt_no_bos", "weights": "../ (blip2_opt)", "tokenizer_adds_bos": False,
+           "empty_prompt_input": "[<image> x Q] only: the soft prompt leads, no BOS", "images": PHOTOS,
+           "generate": gens, "generate_min_score_gap": round(gap, 6)}
+    save_json(out / "reference.json", ref)
+    return ref
+
+
+CASES = {"blip2_opt": make_blip2_opt, "blip2_opt_no_bos": make_blip2_opt_no_bos, "blip2_itm": make_blip2_itm,
+         "blip2_t5": make_blip2_t5, "clip_vit": make_clip_vit, "bert_minilm": make_bert_minilm}
 
 
 def main(argv):

@@ -26,6 +26,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DEC_TOKEN = "[DEC]"
 GPT2_EOS = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "vocab.txt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,13 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        """transformers' call: {"input_ids": prefix + ids + suffix} (the model's input form)."""
+        ids = self.encode(text)
+        if add_special_tokens:
+            ids = list(self.prefix) + ids + list(self.suffix)
+        return {"input_ids": ids}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -90,9 +98,18 @@ def gpt2_bpe(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenizer:
 
 def from_transformers_dir(path: str | Path, *, add_dec: bool = False) -> Tokenizer:
     """A transformers tokenizer directory, with the special ids it adds around a text."""
+    import os
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoTokenizer  # slow import: only when a directory is used
 
-    hf = AutoTokenizer.from_pretrained(str(path))
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001  (transformers raises many kinds; report one line)
+        msg = " ".join(str(e).split())
+        raise ValueError(f"{path}: cannot load the tokenizer: {type(e).__name__}: {msg}") from None
     if add_dec and DEC_TOKEN not in hf.get_vocab():
         hf.add_special_tokens({"bos_token": DEC_TOKEN})
     backend = getattr(hf, "backend_tokenizer", None)

@@ -1,23 +1,27 @@
-"""Evaluators chosen by name in `config.evals` and run periodically by the trainer.
+"""The evaluators by name: the `type` of an evaluator config, and `config.evals` of the trainer.
 
 `config.evals` maps a name to a ConfigDict with `type` (a key of `EVALUATORS`), `every`
-(steps) and the evaluator's own fields. Each evaluator yields `(metric_name, value)` pairs.
+(steps) and the evaluator's own fields (evaluators/base.py: `base_config`). Each evaluator
+yields `(metric_name, value)` pairs.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-EVALUATORS: dict[str, Callable[..., Any]] = {}
+from blip2_jax.evaluators.caption import CaptionEvaluator
+from blip2_jax.evaluators.retrieval import RetrievalEvaluator
+from blip2_jax.evaluators.vqa import VqaEvaluator
 
-
-def register(name: str):
-    def deco(cls):
-        EVALUATORS[name] = cls
-        return cls
-    return deco
+EVALUATORS = {
+    "vqa": VqaEvaluator,
+    "caption": CaptionEvaluator,
+    "retrieval": RetrievalEvaluator,
+}
 
 
 class Evaluators:
+    """The trainer's periodic evaluations: (metric prefix, every N steps, evaluator)."""
+
     def __init__(self, runs: list[tuple[str, int, Any]]):
         self.runs = runs
 
@@ -28,12 +32,20 @@ class Evaluators:
                     yield f"{prefix}/{name}", float(value)
 
 
+def get(config, **context):
+    """The evaluator of `config.type`, built from `config` (+ the trainer's or CLI's context)."""
+    kind = config.get("type")
+    if kind not in EVALUATORS:
+        raise ValueError(f"unknown type {kind!r}; known: {', '.join(sorted(EVALUATORS))}")
+    return EVALUATORS[kind](config, **context)
+
+
 def from_config(evals, **context) -> Evaluators:
-    from blip2_jax.evaluators import runners  # noqa: F401  (registers the evaluator types)
     runs = []
     for prefix, ec in dict(evals or {}).items():
-        kind = ec.get("type")
-        if kind not in EVALUATORS:
-            raise ValueError(f"evals.{prefix}: unknown type {kind!r}; known: {', '.join(sorted(EVALUATORS))}")
-        runs.append((prefix, int(ec.get("every", 0)), EVALUATORS[kind](ec, **context)))
+        try:
+            evaluator = get(ec, **context)
+        except ValueError as e:
+            raise ValueError(f"evals.{prefix}: {e}") from None
+        runs.append((prefix, int(ec.get("every", 0)), evaluator))
     return Evaluators(runs)

@@ -102,8 +102,8 @@ def miniature_config(phase: str, workdir: str, fast: bool, seed: int = 0):
 
 def eval_config(kind: str, overrides: dict, output_dir: str):
     """The synthetic_shapes evaluator of `kind` (tiny.eval_config) with the miniature's overrides."""
-    from blip2_jax.evaluators import runners
-    c = runners.with_defaults(tiny.eval_config(kind))
+    from blip2_jax.evaluators import base
+    c = base.with_defaults(tiny.eval_config(kind))
 
     def merge(dst, src):
         for k, v in src.items():
@@ -138,6 +138,7 @@ def write_qformer_start(stage1_cfg, stage2_cfg, std: float, seed: int) -> tuple[
     import numpy as np
 
     from blip2_jax import sharding
+    from blip2_jax.models import build
     from blip2_jax.weights import hf
     from blip2_jax.weights import init as init_lib
 
@@ -154,7 +155,7 @@ def write_qformer_start(stage1_cfg, stage2_cfg, std: float, seed: int) -> tuple[
     for cfg in (stage1_cfg, stage2_cfg):
         draw = cfg.copy_and_resolve_references()
         draw.init.source = "unimodal"  # the towers from their directories, the rest random
-        model, mcfg = init_lib.build_model(draw.model)
+        model, mcfg = build.build_model(draw.model)
         params = jax.tree.map(np.asarray, init_lib.init_params(model, mcfg, draw, mesh, seed=seed))
         params.get("qformer", {}).pop("lm_head", None)  # ITG head: not in transformers' layout
         if qformer is None:
@@ -193,7 +194,7 @@ class _CountingPredictor:
 
         def counted(*a, **kw):
             out = attr(*a, **kw)
-            if name != "tokenize_texts":
+            if name != "qformer_tokens":
                 self._calls += 1
                 self._phase.update(self._calls)
             return out
@@ -202,19 +203,16 @@ class _CountingPredictor:
 
 def evaluate_phase(phase: Phase, workdir: str, kinds: dict) -> dict:
     """Runs each evaluator config of `kinds` ({kind: config}) on a training workdir."""
-    import flax.linen as nn
-    import jax
-
-    from blip2_jax import evaluate, sharding
-    from blip2_jax.evaluators import registry, runners  # noqa: F401  (registers the evaluators)
+    from blip2_jax import serving, sharding
+    from blip2_jax.evaluators import registry
 
     results = {}
     mesh = sharding.make_mesh()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        predictor = evaluate.predictor_from_workdir(workdir, next(iter(kinds.values())), mesh)
+    with sharding.use(mesh):
+        predictor = serving.Predictor.from_workdir(workdir, mesh=mesh)
         counted = _CountingPredictor(predictor, phase)
         for kind, config in kinds.items():
-            evaluator = registry.EVALUATORS[config.type](config, mesh=mesh, predictor=counted)
+            evaluator = registry.get(config, mesh=mesh, predictor=counted)
             results[kind] = dict(evaluator.evaluate(counted))
     return results
 

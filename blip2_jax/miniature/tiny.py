@@ -43,9 +43,9 @@ def tiny(c, *, text: str | None = "opt", batch_size: int = 16, steps: int = 20):
 def eval_config(kind: str = "caption"):
     """The paper's evaluator of `kind` ("caption", "vqa", "retrieval") on synthetic_shapes at the
     tiny model's resolution (configs/eval/synthetic_shapes.py)."""
-    from blip2_jax.evaluators import runners
+    from blip2_jax.evaluators import base
 
-    c = runners.base_config(kind)
+    c = base.base_config(kind)
     c.input.dataset = "synthetic_shapes"
     c.input.split = "validation"
     c.input.image_size = TINY_VISION["image_size"]

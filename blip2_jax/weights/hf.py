@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from blip2_jax import train_state
 from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
 from blip2_jax.weights import convert_opt, convert_qformer, convert_t5, convert_vision
 from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, checkpoint_files, save_state_dict
 
 SUPPORTED_MODEL_TYPES = ("blip-2",)
-# Frozen towers' tensors, by transformers name (ln_vision = vision_model.post_layernorm is trained).
-FROZEN_NAMES = re.compile(r"^(vision_model\.(?!post_layernorm)|language_model\.)")
+# Frozen towers' tensors, by transformers name (train_state's table).
+FROZEN_NAMES = re.compile("|".join(train_state.frozen_patterns(sep=".")))
 # Files copied along when saving next to converted weights (tokenizer, processor, generation).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
               "vocab.txt", "spiece.model", "added_tokens.json", "preprocessor_config.json",

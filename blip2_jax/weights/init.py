@@ -1,4 +1,4 @@
-"""Building the model from a config and initialising its parameters on the mesh.
+"""Initialising the model's parameters on the mesh from `config.init` (models/build.py builds it).
 
 Sources (`config.init.source`), combinable part by part:
   "random"    everything random (tests, the miniature's towers come from `unimodal`)
@@ -12,83 +12,18 @@ Whatever a source does not provide is initialised randomly (only those leaves ar
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax import sharding
-from blip2_jax.models import presets
+from blip2_jax.models.build import abstract_params, init_inputs
 from blip2_jax.models.blip2 import Blip2
-from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
+from blip2_jax.models.configs import Blip2Config, OPTConfig
 from blip2_jax.weights import bert_init, convert_opt, convert_t5, convert_vision, hf
 from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, checkpoint_files
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def dtype(name: str):
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def model_config(mc) -> Blip2Config:
-    """`config.model` -> Blip2Config: a preset or a transformers directory, then overrides
-    (`vision`, `qformer`, `text` dicts of field values; `num_query_tokens`, ...)."""
-    if mc.get("from_dir"):
-        cfg, _ = hf.read_config(mc.from_dir)
-    else:
-        cfg = presets.preset(mc.get("preset", "vitg_opt2.7b"))
-    over = {k: mc.get(k) for k in ("num_query_tokens", "image_text_hidden_size") if mc.get(k) is not None}
-    vision = dataclasses.replace(cfg.vision, **dict(mc.get("vision", {}) or {}))
-    qformer = dataclasses.replace(cfg.qformer, **dict(mc.get("qformer", {}) or {}))
-    qformer = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size)
-    text = cfg.text
-    text_over = dict(mc.get("text", {}) or {})
-    if text_over.get("model_type"):
-        kind = text_over.pop("model_type")
-        text = {"opt": OPTConfig, "t5": T5Config}[kind]() if kind else None
-    if mc.get("no_text", False):
-        text = None
-    elif text is not None and text_over:
-        text = dataclasses.replace(text, **text_over)
-    return dataclasses.replace(cfg, vision=vision, qformer=qformer, text=text, **over)
-
-
-def build_model(mc) -> tuple[Blip2, Blip2Config]:
-    cfg = model_config(mc)
-    model = Blip2(cfg, vision_dtype=dtype(mc.get("vision_dtype", "float32")),
-                  text_dtype=dtype(mc.get("text_dtype", "float32")),
-                  scan_layers=bool(mc.get("scan_layers", True)), remat_policy=mc.get("remat_policy", "none"),
-                  qformer_lm_head=bool(mc.get("qformer_lm_head", False)))
-    return model, cfg
-
-
-def init_inputs(cfg: Blip2Config) -> dict:
-    """Smallest inputs that touch every parameter (for `init` / `eval_shape`)."""
-    s = cfg.vision.image_size
-    kw = {"pixel_values": jnp.zeros((1, s, s, 3), jnp.float32)}
-    if cfg.qformer.use_qformer_text_input:
-        kw.update(qformer_input_ids=jnp.zeros((1, 2), jnp.int32), qformer_attention_mask=jnp.ones((1, 2), jnp.int32))
-    if cfg.text is not None:
-        kw.update(input_ids=jnp.zeros((1, 2), jnp.int32), attention_mask=jnp.ones((1, 2), jnp.int32))
-        if cfg.is_encoder_decoder:
-            kw["decoder_input_ids"] = jnp.zeros((1, 2), jnp.int32)
-    return kw
-
-
-def abstract_params(model: Blip2, cfg: Blip2Config):
-    """Boxed (logically annotated) ShapeDtypeStructs of the params; allocates nothing."""
-    return jax.eval_shape(lambda r: model.init(r, **init_inputs(cfg)), jax.random.key(0))["params"]
-
-
-def param_count(model: Blip2, cfg: Blip2Config) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sharding.unbox(abstract_params(model, cfg))))
-
 
 def init_params(model: Blip2, cfg: Blip2Config, config, mesh, seed: int | None = None) -> dict:
     """Parameters as sharded jax.Arrays from `config.init` (see the module docstring)."""
@@ -96,7 +31,7 @@ def init_params(model: Blip2, cfg: Blip2Config, config, mesh, seed: int | None =
     shardings = sharding.param_shardings(boxed, mesh)
     abstract = sharding.unbox(boxed)
     loaded = load_sources(cfg, config, abstract)
-    seed = int(config.get("seed", 0)) if seed is None else seed
+    seed = int(config.seed) if seed is None else seed
     return place(model, cfg, abstract, shardings, loaded, seed)
 
 
@@ -123,8 +58,8 @@ def place(model, cfg, abstract, shardings, loaded: dict, seed: int) -> dict:
 
 
 def load_sources(cfg: Blip2Config, config, abstract) -> dict:
-    ic = config.get("init", {}) or {}
-    source = ic.get("source", "random")
+    ic = config.init
+    source = ic.source
     lm_head = "lm_head" in abstract.get("qformer", {})
     scan = "layers" in abstract.get("vision_model", {})
     if source == "random":
@@ -135,11 +70,11 @@ def load_sources(cfg: Blip2Config, config, abstract) -> dict:
     if source not in ("unimodal", "stage1"):
         raise ValueError(f"unknown init source {source!r} (random, hf, unimodal, stage1)")
     out: dict[str, Any] = {}
-    if ic.get("vision_dir"):
+    if ic.vision_dir:
         out["vision_model"] = load_vision(ic.vision_dir, cfg, scan)
-    if ic.get("llm_dir") and cfg.text is not None:
+    if ic.llm_dir and cfg.text is not None:
         out["language_model"] = load_llm(ic.llm_dir, cfg, scan)
-    if source == "unimodal" and ic.get("bert"):
+    if source == "unimodal" and ic.bert:
         out["qformer"] = bert_init.qformer_from_bert(load_bert_state_dict(ic.bert), cfg, with_lm_head=lm_head)
     if source == "stage1":
         trained = restore_trainable(ic.stage1_workdir)
@@ -227,3 +162,46 @@ def _unflatten(flat: dict) -> dict:
             d = d.setdefault(k, {})
         d[path[-1]] = v
     return out
+
+
+def load_workdir(workdir: str, mesh):
+    """A training run as it stands: (model, model config, merged params on `mesh`, the run's
+    config). The model and its frozen towers are rebuilt from the sources its config.json names;
+    the trainable params come from its latest checkpoint."""
+    import json
+
+    import ml_collections
+
+    from blip2_jax import train_state
+    from blip2_jax.models import build
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise WeightsError(f"{workdir}: no config.json (not a training workdir, or written by a "
+                           "trainer that predates it)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(raw, dict) or not {"model", "init", "frozen_patterns"} <= set(raw):
+        raise WeightsError(f"{path} is not a training config (a model directory? use --model)")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise WeightsError(f"{workdir}: no checkpoints/ directory")
+    tc = ml_collections.ConfigDict(raw)
+    trained = restore_trainable(workdir)  # fails early when there is no checkpoint
+    # The trainable part comes from the checkpoint: skip loading what only initialised it.
+    if tc.init.source == "stage1":
+        tc.init.source = "unimodal"
+    tc.init.bert = ""
+    model, model_cfg = build.build_model(tc.model)
+    with sharding.use(mesh):
+        trainable, frozen = train_state.split_and_cast(init_params(model, model_cfg, tc, mesh), tc)
+    want, got = set(_flatten(trainable)), set(_flatten(trained))
+    if want != got:
+        show = lambda keys: ["/".join(k) for k in sorted(keys)[:3]]  # noqa: E731
+        raise WeightsError(f"{workdir}: checkpoint params do not match the model of its config.json "
+                           f"(missing {show(want - got)}, unexpected {show(got - want)})")
+    trainable = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                             trained, trainable)
+    return model, model_cfg, train_state.merge_params(trainable, frozen), tc

@@ -1,10 +1,10 @@
 """COCO 5k test retrieval, Karpathy split (paper Table 5, fine-tuned stage-1 model): ITC top-128
 re-ranked by ITM, R@1/5/10 both ways."""
-from blip2_jax.evaluators import runners
+from blip2_jax.evaluators import base
 
 
 def get_config(arg: str = ""):
-    c = runners.base_config("retrieval")  # k 128, 35 text tokens
+    c = base.base_config("retrieval")  # k 128, 35 text tokens
     c.input.dataset = "coco_karpathy"
     c.input.split = arg or "test"
     c.input.image_size = 364

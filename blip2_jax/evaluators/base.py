@@ -1,30 +1,21 @@
-"""Evaluators of the paper's protocols: zero-shot VQA, captioning, image-text retrieval.
+"""What every evaluator shares: its config (the paper's protocols as defaults), the eval input,
+multi-host gathering, progress, result files, and the `Evaluator` base class.
 
-Each evaluator is built from one ConfigDict (`base_config(kind)` holds every field and the
-paper's defaults), reads its dataset through the eval input pipeline, asks a `Predictor`
-(predictor.py) for answers, captions or features, scores them with `evaluators.metrics`, writes
-the predictions in the official submission format and yields `(metric_name, value)`:
+Each evaluator (vqa.py, caption.py, retrieval.py; the table in registry.py) is built from one
+ConfigDict (`base_config(kind)` holds every field), reads its dataset through the eval input
+pipeline, asks a `serving.Predictor` for answers, captions or features, scores them with
+`evaluators.metrics`, writes the predictions in the official submission format and yields
+`(metric_name, value)`:
 
-    ev = EVALUATORS["vqa"](config, model=model, model_cfg=model_cfg, mesh=mesh)
+    ev = registry.EVALUATORS["vqa"](config, model=model, model_cfg=model_cfg, mesh=mesh)
     ev.run(trainable, frozen)     # the trainer: params in memory
     ev.evaluate(predictor)        # the CLI (`blip2_jax.evaluate`): a loaded model, or a fake
-
-Types (`config.type`):
-  "vqa"        answers generated from `prompt.format(question)`; `metric` "vqav2" (VQA accuracy),
-               "okvqa" (lemmatised), "gqa" (exact match), "exact" (normalised exact match,
-               synthetic_shapes). Writes [{"question_id", "answer"}] (GQA: [{"questionId",
-               "prediction"}]). Splits without answers (test-dev) are written, not scored.
-  "caption"    captions continuing `prompt`; BLEU, METEOR, ROUGE-L, CIDEr (+ SPICE when its jars
-               are installed). Writes [{"image_id", "caption"}].
-  "retrieval"  ITC similarity, top-k re-ranked by ITM + ITC, Recall@1/5/10 both ways (plus the
-               ITC-only recalls as "itc_*"). Writes each query's top-10.
 Every host reads its shard of the data; results are gathered so that each host scores all of
 them and process 0 writes the files.
 """
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import pickle
@@ -38,13 +29,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from blip2_jax.data import text as text_lib
-from blip2_jax.evaluators import metrics
-from blip2_jax.evaluators.registry import register
 
 KINDS = ("vqa", "caption", "retrieval")
-VQA_METRICS = ("vqav2", "okvqa", "gqa", "exact")
-TOP_WRITTEN = 10  # ranked candidates written per retrieval query
 
 
 # ------------------------------------------------------------------------------------- config
@@ -66,7 +52,7 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     c.input = ml_collections.ConfigDict(dict(
         dataset="synthetic_shapes", split="validation",
         data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str),
-        prepare=True, batch_size=64, image_size=224, image_dtype="float32",
+        prepare=True, batch_size=64, image_size=224,
         worker_count=0, read_threads=4))
     if kind in ("vqa", "caption"):
         c.max_prompt_len = 32          # LLM prompt tokens (LAVIS max_txt_len; longer: truncated)
@@ -238,15 +224,14 @@ class Evaluator:
     # -- the trainer's entry point
     def run(self, trainable, frozen) -> Iterator[tuple[str, float]]:
         """Evaluates the model with params `trainable` + `frozen` (trees of jax.Arrays)."""
-        from blip2_jax import train_state
-        from blip2_jax.evaluators import predictor as predictor_lib
+        from blip2_jax import serving, train_state
         params = train_state.merge_params(trainable, frozen)
         if self.predictor is None:
             if self.model is None:
                 raise ValueError(f"evaluator {self.name!r} needs a model or a predictor")
-            self.predictor = predictor_lib.ModelPredictor(
-                self.model, self.model_cfg, self.mesh, params,
-                llm_tokenizer=self.tokenizers[0], qformer_tokenizer=self.tokenizers[1])
+            self.predictor = serving.Predictor(
+                self.model, params, self.model_cfg, mesh=self.mesh,
+                tokenizer=self.tokenizers[0], qformer_tokenizer=self.tokenizers[1])
         else:
             self.predictor.set_params(params)
         yield from self.evaluate(self.predictor)
@@ -307,165 +292,6 @@ class Evaluator:
         return value
 
 
-def _valid(batch) -> list[int]:
+def valid_rows(batch) -> list[int]:
+    """Indices of a batch's real examples (the pipeline pads the last batch)."""
     return [i for i, m in enumerate(np.asarray(batch["mask"])) if m]
-
-
-# ------------------------------------------------------------------------------------- VQA
-@register("vqa")
-class VqaEvaluator(Evaluator):
-    """Zero-shot / fine-tuned VQA: one generated answer per question."""
-
-    def evaluate(self, predictor) -> Iterator[tuple[str, float]]:
-        c = self.config
-        if c.metric not in VQA_METRICS:
-            raise ValueError(f"unknown VQA metric {c.metric!r}; known: {', '.join(VQA_METRICS)}")
-        template = self.llm_option(c.prompt, "prompt", "prompt_by_llm", predictor)
-        options = dict(c.generation)
-        options["length_penalty"] = self.llm_option(
-            c.generation.length_penalty, "generation.length_penalty", "length_penalty_by_llm",
-            predictor)
-        records = []
-        for batch in self.batches():
-            rows = _valid(batch)
-            prompts = [template.format(text_lib.normalize_question(q or "", c.max_words))
-                       for q in batch["question"]]
-            answers = predictor.generate(batch["image"], prompts, max_prompt_len=c.max_prompt_len,
-                                         **options)
-            written = batch.get("question_key") or [None] * len(batch["question_id"])
-            for i in rows:
-                qid, as_written = batch["question_id"][i], written[i]
-                # synthetic_shapes has one question per image and no question ids; GQA's ids are
-                # strings with leading zeros
-                key = (as_written if c.metric == "gqa" and as_written else
-                       int(qid) if qid is not None and qid >= 0 else int(batch["image_id"][i]))
-                records.append((key, answers[i].strip(), list(batch["answers"][i] or [])))
-        records = gather_objects(records)
-        preds = {k: a for k, a, _ in records}
-        truth = {k: g for k, _, g in records}
-        if c.metric == "gqa":
-            self.write("predictions", [{"questionId": str(k), "prediction": a}
-                                       for k, a in preds.items()])
-        else:
-            self.write("predictions", [{"question_id": k, "answer": a} for k, a in preds.items()])
-        if not preds or not all(truth.values()):  # e.g. VQAv2 test-dev: no answers to score
-            logging.info("%s: %d questions without answers: predictions only", self.name,
-                         sum(not g for g in truth.values()))
-            yield from self.finish({}, len(preds))
-            return
-        if c.metric == "vqav2":
-            score = metrics.vqa_score(preds, truth, protocol=c.vqa_protocol)
-        elif c.metric == "okvqa":
-            score = metrics.okvqa_score(preds, truth, protocol=c.vqa_protocol)
-        elif c.metric == "gqa":
-            score = metrics.gqa_score(preds, {k: g[0] for k, g in truth.items()})
-        else:
-            score = 100.0 * np.mean([metrics.normalize_answer(preds[k])
-                                     == metrics.normalize_answer(truth[k][0]) for k in preds])
-        yield from self.finish({"accuracy": score}, len(preds))
-
-
-# ------------------------------------------------------------------------------------- captions
-@register("caption")
-class CaptionEvaluator(Evaluator):
-    """Image captioning: one beam-searched caption per image, COCO caption metrics."""
-
-    def evaluate(self, predictor) -> Iterator[tuple[str, float]]:
-        c = self.config
-        records = []
-        for batch in self.batches():
-            prompts = [c.prompt] * len(batch["mask"])
-            captions = predictor.generate(batch["image"], prompts, max_prompt_len=c.max_prompt_len,
-                                          **dict(c.generation))
-            for i in _valid(batch):
-                records.append((int(batch["image_id"][i]), captions[i].strip(),
-                                list(batch["texts"][i] or [])))
-        records = gather_objects(records)
-        preds = {k: cap for k, cap, _ in records}
-        refs = {k: r for k, _, r in records}
-        self.write("predictions", [{"image_id": k, "caption": v} for k, v in preds.items()])
-        if not preds or not all(refs.values()):
-            yield from self.finish({}, len(preds))
-            return
-        yield from self.finish(metrics.caption_scores(preds, refs, spice=c.get("spice")),
-                               len(preds))
-
-
-# ------------------------------------------------------------------------------------- retrieval
-@register("retrieval")
-class RetrievalEvaluator(Evaluator):
-    """Image-text retrieval: ITC for all pairs, the top k re-ranked with ITM + ITC."""
-
-    def evaluate(self, predictor) -> Iterator[tuple[str, float]]:
-        from blip2_jax.evaluators.predictor import itc_similarity
-        c = self.config
-        vit, feats, masks, image_ids, texts = [], [], [], [], []
-        for batch in self.batches():
-            v, f = predictor.image_features(batch["image"])
-            vit.append(np.asarray(v))
-            feats.append(np.asarray(f))
-            masks.append(np.asarray(batch["mask"]))
-            image_ids.extend(int(i) for i in np.asarray(batch["image_id"]))
-            texts.extend(list(t or []) for t in batch["texts"])
-        keep = gather_rows(np.concatenate(masks))
-        vit = gather_rows(np.concatenate(vit))[keep]
-        feats = gather_rows(np.concatenate(feats))[keep]
-        image_ids = [i for i, k in zip(gather_objects(image_ids), keep) if k]
-        per_image = [t for t, k in zip(gather_objects(texts), keep) if k]
-
-        captions, txt2img, img2txt = [], [], []
-        for i, caps in enumerate(per_image):
-            img2txt.append(list(range(len(captions), len(captions) + len(caps))))
-            captions.extend(text_lib.normalize_caption(t, c.max_words) for t in caps)
-            txt2img.extend([i] * len(caps))
-        if not captions:
-            raise ValueError(f"{self.name}: no captions to retrieve")
-        ids, mask = predictor.tokenize_texts(captions, c.max_text_len)
-        text_feats = host_map(lambda idx: predictor.text_features(ids[idx], mask[idx]),
-                              len(captions), c.text_batch_size, self._desc("texts"))
-        sim_i2t = itc_similarity(feats, text_feats)
-
-        bank = bool(c.image_bank_on_device) and hasattr(predictor, "set_image_bank")
-        if bank:
-            predictor.set_image_bank(vit)
-
-        def itm(images, texts):  # (image, text) pairs given by index -> ITM match logits
-            if bank:
-                return predictor.itm_scores_bank(images, ids[texts], mask[texts])
-            return predictor.itm_scores(vit[images], ids[texts], mask[texts])
-
-        def itm_i2t(rows, cand):  # image rows x their candidate texts
-            return itm(np.repeat(rows, cand.shape[1]), cand.reshape(-1)).reshape(cand.shape)
-
-        def itm_t2i(rows, cand):  # text rows x their candidate images
-            return itm(cand.reshape(-1), np.repeat(rows, cand.shape[1])).reshape(cand.shape)
-
-        score_i2t = self._rerank(sim_i2t, itm_i2t, "ITM image->text")
-        score_t2i = self._rerank(sim_i2t.T, itm_t2i, "ITM text->image")
-        if bank:
-            predictor.set_image_bank(None)
-        scores = metrics.retrieval_recall(score_i2t, txt2img, img2txt, sim_t2i=score_t2i)
-        itc = metrics.retrieval_recall(sim_i2t, txt2img, img2txt)
-        scores.update({f"itc_{k}": v for k, v in itc.items() if k != "agg_metrics"})
-        top = min(TOP_WRITTEN, len(captions))
-        self.write("predictions", {
-            "image_ids": image_ids, "texts": captions, "txt2img": txt2img,
-            "i2t_top": np.argsort(-score_i2t, axis=1, kind="stable")[:, :top].tolist(),
-            "t2i_top": np.argsort(-score_t2i, axis=1, kind="stable")[:, :min(
-                TOP_WRITTEN, len(image_ids))].tolist()})
-        yield from self.finish(scores, len(image_ids))
-
-    def _desc(self, what: str) -> str | None:
-        return f"{self.name} {what}" if self.config.progress else None
-
-    def _rerank(self, sim: np.ndarray, itm_fn, what: str) -> np.ndarray:
-        """metrics.rerank_topk with the rows split over the processes."""
-        c = self.config
-        rows_per_call = int(c.itm_rows_per_call)
-
-        def block(rows):  # rows [rows_per_call] of `sim` -> their re-ranked score rows
-            return metrics.rerank_topk(sim[rows], lambda r, cand: itm_fn(rows[r], cand), int(c.k),
-                                       fill_value=float(c.fill_value),
-                                       rows_per_call=rows_per_call)
-
-        return host_map(block, sim.shape[0], rows_per_call, self._desc(what))
