@@ -176,7 +176,7 @@ class OurSide:
 
             m = self.model
             t = time.perf_counter()
-            jax.block_until_ready(m._soft_prompts(m.params, self.pixels))
+            jax.block_until_ready(m.predictor._soft_prompts(m.params, self.pixels))
             return {"seconds": time.perf_counter() - t, "tokens": []}
         n = self.n if new_tokens is None else new_tokens
         beams = 1 if label == "greedy" else self.beams

@@ -8,9 +8,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from blip2_jax import sharding
 from blip2_jax.models import presets
 from blip2_jax.models.blip2 import Blip2
 from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
@@ -74,6 +72,3 @@ def abstract_params(model: Blip2, cfg: Blip2Config):
     """Boxed (logically annotated) ShapeDtypeStructs of the params; allocates nothing."""
     return jax.eval_shape(lambda r: model.init(r, **init_inputs(cfg)), jax.random.key(0))["params"]
 
-
-def param_count(model: Blip2, cfg: Blip2Config) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sharding.unbox(abstract_params(model, cfg))))
