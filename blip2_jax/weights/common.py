@@ -8,9 +8,21 @@ import jax
 import numpy as np
 
 
+class TensorShapeError(ValueError):
+    """A checkpoint tensor whose shape or type does not fit the configuration (`name` says which)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
 class Reader:
     """Reads tensors `prefix + name` from a state dict, checking shapes; collects missing names so
-    that one KeyError lists all of them (`check()`), raises ValueError on a shape mismatch."""
+    that one KeyError lists all of them (`check()`), raises TensorShapeError on a shape mismatch.
+
+    Arrays are returned as the state dict gives them (views of a memory map stay views). A
+    missing tensor is stood in for by a zero-byte broadcast placeholder, only so that conversion
+    can go on to name every missing tensor: `check()` then fails; nothing invented is returned."""
 
     def __init__(self, state_dict: Mapping[str, np.ndarray], prefix: str = ""):
         self.sd, self.prefix, self.missing = state_dict, prefix, []
@@ -22,10 +34,14 @@ class Reader:
         key = self.prefix + name
         if key not in self.sd:
             self.missing.append(key)
-            return np.zeros(shape, np.float32)
-        x = np.asarray(self.sd[key])
+            return np.broadcast_to(np.zeros((), np.float32), tuple(shape))
+        x = self.sd[key]
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
         if tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(x.shape)} != expected {tuple(shape)}")
+            raise TensorShapeError(key, f"checkpoint shape {tuple(x.shape)} != expected {tuple(shape)}")
+        if not is_float(x.dtype):
+            raise TensorShapeError(key, f"checkpoint dtype {x.dtype} where a floating-point tensor is expected")
         return x
 
     def dense(self, name: str, d_in: int, d_out: int, bias: bool = True) -> dict:
@@ -41,6 +57,23 @@ class Reader:
     def check(self) -> None:
         if self.missing:
             raise KeyError(f"{len(self.missing)} tensor(s) missing from the checkpoint: {self.missing}")
+
+
+def is_float(dtype) -> bool:
+    """numpy floats and ml_dtypes' (bfloat16, float8), which numpy sees as void types."""
+    dt = np.dtype(dtype)
+    return dt.kind == "f" or (dt.kind == "V" and "float" in dt.name)
+
+
+def same_values(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:
+    """np.array_equal for large (memory-mapped) arrays, a block of rows at a time (no
+    whole-tensor temporaries)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    if a.ndim == 0:
+        return bool(a == b)
+    return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, len(a), rows))
 
 
 def stack_layers(layers: Sequence[dict]) -> dict:

@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from blip2_jax.models.configs import OPTConfig
-from blip2_jax.weights.common import Reader, dense_to_hf, norm_to_hf, stack_layers, unstack_layers
+from blip2_jax.weights.common import Reader, dense_to_hf, norm_to_hf, same_values, stack_layers, unstack_layers
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -53,7 +53,7 @@ def to_flax(state_dict: Mapping[str, np.ndarray], cfg: OPTConfig, *, prefix: str
     if cfg.do_layer_norm_before and cfg.layer_norm_elementwise_affine:
         params["final_layer_norm"] = r.norm(p + "final_layer_norm", d)
     if cfg.tie_word_embeddings:
-        if r.has("lm_head.weight") and not np.array_equal(
+        if r.has("lm_head.weight") and not same_values(
                 np.asarray(r.get("lm_head.weight", (v, dw))), np.asarray(params["embed_tokens"]["embedding"])):
             raise ValueError(f"{prefix}lm_head.weight differs from the token embeddings but the config "
                              "ties them; set tie_word_embeddings=False to load an untied head")

@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 
 from blip2_jax.models.configs import T5Config
-from blip2_jax.weights.common import Reader, stack_layers, unstack_layers
+from blip2_jax.weights.common import Reader, same_values, stack_layers, unstack_layers
 
 _QKVO = ("q", "k", "v", "o")
 _UNUSED = "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
@@ -33,7 +33,7 @@ def resolve_tied_head(state_dict: Mapping[str, np.ndarray], cfg: T5Config, *,
     """The config as transformers would load this file: an `lm_head.weight` that differs from
     `shared.weight` makes the head untied, a missing one ties it."""
     head, shared = state_dict.get(prefix + "lm_head.weight"), state_dict.get(prefix + "shared.weight")
-    untied = head is not None and (shared is None or not np.array_equal(np.asarray(head), np.asarray(shared)))
+    untied = head is not None and (shared is None or not same_values(np.asarray(head), np.asarray(shared)))
     return dataclasses.replace(cfg, tie_word_embeddings=not untied)
 
 
@@ -97,12 +97,12 @@ def to_flax(state_dict: Mapping[str, np.ndarray], cfg: T5Config, *, prefix: str 
         "decoder": _stack_to_flax(r, "decoder", cfg, scan_layers),
     }
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        if r.has(alias) and not np.array_equal(r.get(alias, (v, d)), params["shared"]["embedding"]):
+        if r.has(alias) and not same_values(r.get(alias, (v, d)), params["shared"]["embedding"]):
             raise ValueError(f"{prefix}{alias} differs from {prefix}shared.weight (tied in T5)")
     if r.has(_UNUSED):
         r.get(_UNUSED, (cfg.relative_attention_num_buckets, cfg.num_heads))
     if cfg.tie_word_embeddings:
-        if r.has("lm_head.weight") and not np.array_equal(
+        if r.has("lm_head.weight") and not same_values(
                 np.asarray(r.get("lm_head.weight", (v, d))), np.asarray(params["shared"]["embedding"])):
             raise ValueError(f"{prefix}lm_head.weight differs from {prefix}shared.weight but the config "
                              "ties them; use resolve_tied_head (or tie_word_embeddings=False)")

@@ -1,90 +1,159 @@
 """transformers-format BLIP-2 directories in and out.
 
-`load(dir)` reads `config.json` + `model.safetensors` (or a sharded index) of
+`read_lazy(dir)` validates `config.json` (types and the model's arithmetic, `models/configs.py`)
+and the safetensors files (`safetensors_io.py`), and converts the tensors of
 `Blip2ForConditionalGeneration` (OPT or T5) or `Blip2ForImageTextRetrieval` into our parameter
-tree, casting the frozen towers' matrices to `frozen_dtype` tensor by tensor (peak host memory
-about one copy of the weights). `save(dir, ...)` writes a directory that transformers'
-`from_pretrained` reads; a load -> save round trip reproduces every tensor exactly.
+tree *lazily*: every missing, unexpected or misshapen tensor is reported (one line naming the file
+and tensor) before a byte of weights is read. `LazyCheckpoint.place(shardings, dtype)` then puts
+it on devices one tensor at a time (`placement.py`: peak host memory about the placed weights);
+`load(dir)` gives numpy. `save(dir, ...)` writes a directory that transformers' `from_pretrained`
+reads; a load -> save round trip reproduces every tensor exactly.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from blip2_jax import train_state
-from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
-from blip2_jax.weights import convert_opt, convert_qformer, convert_t5, convert_vision
-from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, checkpoint_files, save_state_dict
+from blip2_jax import files
+from blip2_jax.models.configs import Blip2Config, Limits, OPTConfig, T5Config, check_generation_config
+from blip2_jax.weights import convert_opt, convert_qformer, convert_t5, convert_vision, placement
+from blip2_jax.weights.common import TensorShapeError
+from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, open_checkpoint, save_state_dict
 
 SUPPORTED_MODEL_TYPES = ("blip-2",)
-# Frozen towers' tensors, by transformers name (train_state's table).
-FROZEN_NAMES = re.compile("|".join(train_state.frozen_patterns(sep=".")))
 # Files copied along when saving next to converted weights (tokenizer, processor, generation).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
               "vocab.txt", "spiece.model", "added_tokens.json", "preprocessor_config.json",
               "processor_config.json", "generation_config.json", "chat_template.json")
 
 
-def read_config(directory: str) -> tuple[Blip2Config, dict[str, Any]]:
-    """-> (our config, the raw config.json dict). Errors name the directory and the problem."""
+def read_config(directory: str, limits: Limits | None = None) -> tuple[Blip2Config, dict[str, Any]]:
+    """-> (our config, the raw config.json dict), validated (`Blip2Config.from_hf`). Errors are
+    one line naming the file and the problem."""
     if not os.path.isdir(directory):
         raise WeightsError(f"model directory not found: {directory}")
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(os.path.join(directory, "config.json")):
         raise WeightsError(f"{directory}: no config.json (not a transformers-format model directory)")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: invalid JSON: {e}") from None
+    path = os.path.join(directory, "config.json")
+    raw = files.read_json_object(path, WeightsError, "config.json")
     mt = raw.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise WeightsError(f"{directory}: unsupported model type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise WeightsError(f"{directory}: unsupported model type {mt!r:.60} "
+                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     try:
-        return Blip2Config.from_hf(raw), raw
+        return Blip2Config.from_hf(raw, limits), raw
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{path}: {e}") from None
 
 
-def params_from_state_dict(sd: Mapping[str, np.ndarray], cfg: Blip2Config, *, scan_layers: bool = True,
-                           qformer_lm_head: bool = False) -> dict:
-    """A transformers state dict (any Mapping, read lazily) -> our nested params (numpy).
+def read_generation_config(directory: str, cfg: Blip2Config, limits: Limits | None = None) -> dict:
+    """generation_config.json as a checked dict ({} when absent or for retrieval models)."""
+    if cfg.text is None or not os.path.lexists(os.path.join(directory, "generation_config.json")):
+        return {}
+    path = os.path.join(directory, "generation_config.json")
+    raw = files.read_json(path, WeightsError, "generation_config.json")
+    try:
+        return check_generation_config(raw, cfg.text.vocab_size, limits)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
 
-    Raises WeightsError listing every missing tensor, every unexpected one, or a shape mismatch
-    with both shapes."""
+
+@dataclasses.dataclass
+class LazyCheckpoint:
+    """A validated transformers directory whose tensors have not been read yet.
+
+    `tree`: our parameter tree, leaves are views of the memory-mapped files (`LayerStack`s when
+    scanned). `numpy(dtype)` / `place(shardings, dtype)` read it one tensor at a time."""
+    directory: str
+    config: Blip2Config
+    raw_config: dict
+    state_dict: LazyStateDict
+    tree: dict
+
+    def dtype_of(self, dtype: Any = None):
+        """The per-leaf dtype rule: as stored (None), else `placement.target_dtype`."""
+        if dtype is None:
+            return lambda path, leaf: leaf.dtype
+        return lambda path, leaf: placement.target_dtype(path, dtype)
+
+    def numpy(self, dtype: Any = None) -> dict:
+        """Params as numpy (`dtype`: the frozen towers' dtype; None keeps the file's dtypes)."""
+        return placement.materialize(self.tree, self.dtype_of(dtype), self.state_dict.release)
+
+    def place(self, shardings: Mapping, dtype: Any = np.float32) -> dict:
+        """Params as jax.Arrays with `shardings`, frozen towers' matrices in `dtype`."""
+        try:
+            return placement.place(self.tree, shardings, self.dtype_of(dtype), self.state_dict.release)
+        except ValueError as e:
+            raise WeightsError(f"{self.directory}: {e}") from None
+
+
+def read_lazy(directory: str, *, scan_layers: bool = True, qformer_lm_head: bool = False,
+              limits: Limits | None = None) -> LazyCheckpoint:
+    """Validates a transformers-format directory and converts its tensors lazily (see the
+    module docstring). Reads only the tensors that decide whether a head is tied."""
+    directory = os.fspath(directory)
+    limits = limits or Limits.from_env()
+    cfg, raw = read_config(directory, limits)
+    sd = open_checkpoint(directory, limits.max_tensors)
+    if isinstance(cfg.text, T5Config):  # tied or not is decided by the file, as transformers does
+        cfg = dataclasses.replace(cfg, text=convert_t5.resolve_tied_head(sd, cfg.text, prefix="language_model."))
+    tree = lazy_params(sd, cfg, qformer_lm_head=qformer_lm_head, where=directory)
+    sd.release()  # pages the tied-head comparisons read
+    return LazyCheckpoint(directory, cfg, raw, sd, placement.stack_lazily(tree) if scan_layers else tree)
+
+
+def lazy_params(sd: Mapping[str, np.ndarray], cfg: Blip2Config, *, qformer_lm_head: bool = False,
+                where: str = "") -> dict:
+    """A transformers state dict -> our nested params with unrolled layers, as views of `sd`'s
+    arrays. Raises WeightsError listing every missing tensor, every unexpected one, or a
+    mismatch naming the file, the tensor and both shapes."""
     seen = _Tracking(sd)
     parts: dict[str, Any] = {}
     problems: list[str] = []
+    prefix = f"{where}: " if where else ""
 
     def convert(name, fn, *a, **kw):
         try:
             parts[name] = fn(seen, *a, **kw)
         except KeyError as e:
             problems.append(str(e.args[0]) if e.args else str(e))
+        except TensorShapeError as e:
+            file_of = getattr(sd, "file_of", None)
+            raise WeightsError(f"{file_of(e.name) if file_of else where or 'checkpoint'}: tensor {e} "
+                               "(config.json does not fit this checkpoint)") from None
         except ValueError as e:
-            raise WeightsError(f"shape mismatch: {e}") from None
+            raise WeightsError(f"{prefix}{e}") from None
 
-    convert("vision_model", convert_vision.to_flax, cfg.vision, prefix="vision_model.", scan_layers=scan_layers)
+    convert("vision_model", convert_vision.to_flax, cfg.vision, prefix="vision_model.", scan_layers=False)
     convert("qformer", convert_qformer.to_flax, cfg, prefix="", with_lm_head=qformer_lm_head)
     if cfg.text is not None:
         convert("language_projection", _linear_to_flax, "language_projection", cfg.qformer.hidden_size,
                 cfg.text.hidden_size)
         module = convert_opt if isinstance(cfg.text, OPTConfig) else convert_t5
-        convert("language_model", module.to_flax, cfg.text, prefix="language_model.", scan_layers=scan_layers)
+        convert("language_model", module.to_flax, cfg.text, prefix="language_model.", scan_layers=False)
     if problems:
-        raise WeightsError("missing tensors: " + "; ".join(problems))
+        raise WeightsError(f"{prefix}missing tensors: " + "; ".join(problems))
     unexpected = sorted(set(sd) - seen.read)
     if unexpected:
         more = f" (and {len(unexpected) - 20} more)" if len(unexpected) > 20 else ""
-        raise WeightsError(f"unexpected tensors in the checkpoint: {', '.join(unexpected[:20])}{more}")
+        raise WeightsError(f"{prefix}unexpected tensors in the checkpoint: {', '.join(unexpected[:20])}{more}")
     return parts
+
+
+def params_from_state_dict(sd: Mapping[str, np.ndarray], cfg: Blip2Config, *, scan_layers: bool = True,
+                           qformer_lm_head: bool = False) -> dict:
+    """A transformers state dict (any Mapping, read lazily) -> our nested params (numpy, dtypes
+    as stored). Errors as `lazy_params`."""
+    tree = lazy_params(sd, cfg, qformer_lm_head=qformer_lm_head)
+    tree = placement.stack_lazily(tree) if scan_layers else tree
+    return placement.materialize(tree, lambda path, leaf: leaf.dtype, getattr(sd, "release", lambda a: None))
 
 
 def state_dict_from_params(params: Mapping, cfg: Blip2Config) -> dict[str, np.ndarray]:
@@ -102,23 +171,11 @@ def state_dict_from_params(params: Mapping, cfg: Blip2Config) -> dict[str, np.nd
 
 def load(directory: str, *, frozen_dtype: Any = None, scan_layers: bool = True,
          qformer_lm_head: bool = False) -> tuple[Blip2Config, dict]:
-    """A transformers-format directory -> (config, params as numpy). With `frozen_dtype`, the
-    frozen towers' matrices (ndim >= 2) are cast while reading; vectors stay float32."""
-    cfg, _ = read_config(directory)
-    cast = None
-    if frozen_dtype is not None:
-        dt = np.dtype(frozen_dtype)
-
-        def cast(name, arr):
-            if FROZEN_NAMES.match(name) and arr.ndim >= 2 and arr.dtype != dt:
-                return arr.astype(dt)
-            if arr.ndim < 2 and np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
-                return arr.astype(np.float32)
-            return arr
-    sd = LazyStateDict(checkpoint_files(directory), cast=cast)
-    if isinstance(cfg.text, T5Config):  # tied or not is decided by the file, as transformers does
-        cfg = dataclasses.replace(cfg, text=convert_t5.resolve_tied_head(sd, cfg.text, prefix="language_model."))
-    return cfg, params_from_state_dict(sd, cfg, scan_layers=scan_layers, qformer_lm_head=qformer_lm_head)
+    """A transformers-format directory -> (config, params as numpy), read one tensor at a time.
+    `frozen_dtype`: the frozen towers' matrices in that dtype and everything else float32
+    (`placement.target_dtype`), whatever the file's dtype; None keeps the stored dtypes."""
+    ckpt = read_lazy(directory, scan_layers=scan_layers, qformer_lm_head=qformer_lm_head)
+    return ckpt.config, ckpt.numpy(frozen_dtype)
 
 
 def save(directory: str, cfg: Blip2Config, params: Mapping, *, raw_config: dict | None = None,

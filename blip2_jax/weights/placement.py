@@ -1,0 +1,188 @@
+"""Lean loading: a lazily read parameter tree cast and placed one tensor at a time.
+
+The converters (`convert_*.to_flax`) run over memory-mapped views, so their output is a tree of
+views (transposes and slices of the file's bytes) in which nothing has been read yet. `place`
+then takes one leaf at a time: copies it into a fresh host buffer in its target dtype (a blocked
+copy when the view is a transpose), hands that buffer to `jax.device_put` with the leaf's
+sharding (on a CPU device the 64-byte-aligned buffer becomes the array without a copy), and
+drops the file pages it read. Layers stacked for `nn.scan` are written into their on-device
+stack one layer at a time (a donated in-place update). Peak host memory is the placed weights
+plus one tensor, never a whole-model copy.
+
+The dtype policy (`target_dtype`) depends on the parameter, not on the file: the frozen towers'
+matrices and embeddings in the requested dtype; their biases and norms, `ln_vision`, the query
+tokens, the Q-Former and the projection in float32 (transformers keeps `query_tokens` and
+`qformer` in float32 too).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from blip2_jax import train_state
+
+_FROZEN = [re.compile(p) for p in train_state.frozen_patterns()]
+_NORM = re.compile(train_state.NORM_PATTERN)
+_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+_ALIGN = 64  # XLA's CPU client adopts host buffers with this alignment instead of copying them
+_BLOCK = 512  # rows/columns per block of a transposing copy (cache-friendly)
+
+Path = tuple[str, ...]
+
+
+def target_dtype(path: Path, dtype: Any) -> np.dtype:
+    """The dtype a parameter is held in when the frozen towers run in `dtype` (module docstring)."""
+    name = "/".join(path)
+    frozen = any(r.search(name) for r in _FROZEN)
+    if frozen and path[-1] not in ("bias", "scale") and not _NORM.search(name):
+        return np.dtype(dtype)
+    return np.dtype(np.float32)
+
+
+class LayerStack(NamedTuple):
+    """One scanned parameter: the per-layer arrays (views) to stack along a new leading axis."""
+    layers: tuple[np.ndarray, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.layers),) + tuple(self.layers[0].shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.layers[0].dtype
+
+
+def stack_lazily(tree: dict) -> dict:
+    """A tree with unrolled `layers_{i}` subtrees -> the scanned layout (`layers`, leaves are
+    `LayerStack`s); nothing is copied."""
+    out, layers = {}, {}
+    for k, v in tree.items():
+        m = _LAYER_KEY.match(k)
+        if m:
+            layers[int(m.group(1))] = v
+        else:
+            out[k] = stack_lazily(v) if isinstance(v, dict) else v
+    if layers:
+        ordered = [layers[i] for i in range(len(layers))]
+        out["layers"] = jax.tree.map(lambda *xs: LayerStack(xs), *ordered,
+                                     is_leaf=lambda x: isinstance(x, np.ndarray))
+    return out
+
+
+def flatten(tree: dict, prefix: Path = ()) -> dict[Path, Any]:
+    """Nested dicts -> {path: leaf} (leaves: arrays and LayerStacks)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: dict[Path, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+# ------------------------------------------------------------------------------ host copies
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + _ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def copy_into(out: np.ndarray, src: np.ndarray) -> None:
+    """out[...] = src with a dtype cast; a 2-D strided source (a transposed view) is copied in
+    square blocks, which is several times faster than numpy's element order."""
+    if src.ndim == 2 and not src.flags.c_contiguous and src.size > _BLOCK * _BLOCK:
+        r, c = src.shape
+        for i in range(0, r, _BLOCK):
+            for j in range(0, c, _BLOCK):
+                np.copyto(out[i:i + _BLOCK, j:j + _BLOCK], src[i:i + _BLOCK, j:j + _BLOCK], casting="unsafe")
+    else:
+        np.copyto(out, src, casting="unsafe")
+
+
+def host_copy(src: np.ndarray, dtype: Any) -> np.ndarray:
+    """A fresh, aligned, C-contiguous copy of `src` in `dtype`."""
+    out = aligned_empty(tuple(src.shape), dtype)
+    copy_into(out, src)
+    return out
+
+
+# ------------------------------------------------------------------------------ placing
+DtypeFn = Callable[[Path, Any], Any]
+Release = Callable[[list], None]
+
+
+def materialize(tree: dict, dtype_of: DtypeFn, release: Release = lambda arrays: None) -> dict:
+    """A lazy tree -> numpy arrays, one leaf at a time (pages released after each)."""
+    out = {}
+    for path, leaf in flatten(tree).items():
+        dt = dtype_of(path, leaf)
+        if isinstance(leaf, LayerStack):
+            arr = aligned_empty(leaf.shape, dt)
+            for i, layer in enumerate(leaf.layers):
+                copy_into(arr[i], layer)
+                release([layer])
+        else:
+            arr = host_copy(leaf, dt)
+            release([leaf])
+        out[path] = arr
+    return unflatten(out)
+
+
+def place(tree: dict, shardings: dict, dtype_of: DtypeFn, release: Release = lambda arrays: None) -> dict:
+    """A lazy tree -> jax.Arrays with `shardings` (same structure), one leaf at a time."""
+    flat_sh = flatten(shardings)
+    flat = flatten(tree)
+    if set(flat) != set(flat_sh):
+        extra, lacking = sorted(set(flat) - set(flat_sh)), sorted(set(flat_sh) - set(flat))
+        raise ValueError(f"parameters do not match the model: unexpected {['/'.join(p) for p in extra[:3]]}, "
+                         f"missing {['/'.join(p) for p in lacking[:3]]}")
+    out = {}
+    for path, leaf in flat.items():
+        dt, sh = dtype_of(path, leaf), flat_sh[path]
+        if isinstance(leaf, LayerStack):
+            out[path] = _place_stack(leaf, dt, sh, release)
+        else:
+            out[path] = jax.device_put(host_copy(leaf, dt), sh)
+            release([leaf])
+    return unflatten(out)
+
+
+def _place_stack(stack: LayerStack, dtype, sharding: NamedSharding, release: Release) -> jax.Array:
+    """Fills the on-device stack layer by layer (the update donates the stack: no second copy)."""
+    spec = tuple(sharding.spec) + (None,) * (len(stack.shape) - len(sharding.spec))
+    layer_sharding = NamedSharding(sharding.mesh, P(*spec[1:]))
+    buf = _zeros(stack.shape, np.dtype(dtype), sharding)
+    update = _layer_update(sharding)
+    for i, layer in enumerate(stack.layers):
+        buf = update(buf, jax.device_put(host_copy(layer, dtype), layer_sharding), i)
+        release([layer])
+    return buf
+
+
+def _zeros(shape, dtype, sharding) -> jax.Array:
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_update(sharding: NamedSharding):
+    return jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0),
+                   donate_argnums=0, out_shardings=sharding)
