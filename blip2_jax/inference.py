@@ -158,17 +158,19 @@ class Blip2Inference:
             out = {k: float(v[0, 0]) for k, v in out.items()}
         return out
 
-    def rank(self, images, texts, *, k: int = 128, direction: str = "text_to_image") -> np.ndarray:
+    def rank(self, images, texts, *, k: int = 128, direction: str = "text_to_image",
+             features: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The paper's retrieval scores: ITC similarity for every pair, then the top-k candidates
         of each query re-scored as ITM match logit + ITC (others -inf). -> [queries, candidates]
-        (texts x images for "text_to_image", images x texts for "image_to_text")."""
+        (texts x images for "text_to_image", images x texts for "image_to_text").
+        `features`: `image_features(images)` computed before (a gallery searched many times)."""
         self._require(self.can_match, "retrieval")
         if direction not in ("text_to_image", "image_to_text"):
             raise ValueError(f"direction must be 'text_to_image' or 'image_to_text', got {direction!r}")
         if k < 1:
             raise InputError(f"k must be >= 1, got {k}")
         images, _ = _as_list(images)
-        feats = self.image_features(images)
+        feats = self.image_features(images) if features is None else features
         ids, mask = self.predictor.qformer_tokens(list(texts))
         sim = serving.itc_similarity(feats["image_feats"], self.predictor.text_features(ids, mask))
         t2i = direction == "text_to_image"
@@ -181,9 +183,10 @@ class Blip2Inference:
         return rerank_topk(sim.T if t2i else sim, itm, k, fill_value=-np.inf,
                            rows_per_call=serving.ITM_PAIRS_PER_CALL)
 
-    def retrieve(self, images, queries: Sequence[str], *, k: int = 128, top: int = 5) -> list[list[tuple[int, float]]]:
+    def retrieve(self, images, queries: Sequence[str], *, k: int = 128, top: int = 5,
+                 features: dict[str, np.ndarray] | None = None) -> list[list[tuple[int, float]]]:
         """For each text query, the `top` best images as (index, score), best first."""
-        scores = self.rank(images, queries, k=k)
+        scores = self.rank(images, queries, k=k, features=features)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
         return [[(int(j), float(scores[q, j])) for j in row if np.isfinite(scores[q, j])]
                 for q, row in enumerate(order)]

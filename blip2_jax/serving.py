@@ -154,7 +154,9 @@ class Predictor:
         text = config.text
         self.llm_kind = "opt" if isinstance(text, OPTConfig) else "t5" if isinstance(text, T5Config) else None
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.row_multiple = max(1, batch_devices // jax.process_count())
+        # a mesh may span all processes (evaluators) or only this one's devices (annotation)
+        self.mesh_processes = len({d.process_index for d in self.mesh.devices.flat})
+        self.row_multiple = max(1, batch_devices // self.mesh_processes)
         m = model
         self._soft_prompts = jax.jit(functools.partial(generation.soft_prompts, m))
         self._generate = jax.jit(functools.partial(generation.generate_tokens, m),
@@ -211,7 +213,7 @@ class Predictor:
 
     def _local(self, x: jax.Array, n: int) -> np.ndarray:
         """A global batch-sharded result -> this host's first n rows."""
-        if jax.process_count() > 1:
+        if self.mesh_processes > 1:
             from jax.experimental import multihost_utils
             x = jax.jit(lambda a: a, out_shardings=sharding.batch_sharding(self.mesh, x.ndim))(x)
             x = multihost_utils.global_array_to_host_local_array(
