@@ -341,7 +341,7 @@ def write_atomic(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
 
 
 def write_shard(out_dir: str, index: int, rows: list[dict], embeddings: np.ndarray | None,
-                skipped: list[tuple[str, str]], fmt: str) -> None:
+                skipped: list[tuple[str, str]], fmt: str, process_index: int = 0) -> None:
     """A finished shard's files; `.done.json` last (it marks the shard finished)."""
     base = os.path.join(out_dir, part_name(index))
     if fmt == "parquet":
@@ -359,7 +359,7 @@ def write_shard(out_dir: str, index: int, rows: list[dict], embeddings: np.ndarr
             write_atomic(base + ".npy", lambda f: np.save(f, embeddings))
         write_atomic(base + ".jsonl", lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
                                                            for r in rows), "w")
-    marker = {"shard": index, "rows": len(rows), "skipped": [list(s) for s in skipped]}
+    marker = {"shard": index, "rows": len(rows), "skipped": [list(s) for s in skipped], "process": process_index}
     write_atomic(done_path(out_dir, index), lambda f: json.dump(marker, f), "w")
 
 
@@ -434,7 +434,7 @@ def annotate(shards: Sequence[Shard], task, preprocess: Callable[[Image.Image], 
         bar.update(len(batch.ids) + len(batch.skipped))
         if batch.last:
             emb_all = np.concatenate(embs) if embs else (np.zeros((0,), np.float32) if task.name == "embed" else None)
-            write_shard(out_dir, batch.shard.index, rows, emb_all, skipped, fmt)
+            write_shard(out_dir, batch.shard.index, rows, emb_all, skipped, fmt, process_index)
             summary.images += len(rows)
             summary.shards += 1
             summary.skipped.update(reason for _, reason in skipped)
