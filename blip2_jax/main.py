@@ -3,7 +3,8 @@ r"""The trainer: stage 1, stage 2 and fine-tuning of BLIP-2 on a device mesh.
   python -m blip2_jax.main --config=configs/stage2_opt.py --workdir=/tmp/run \
       [--config.total_steps=1000 ...]
 
-`train()` reads top to bottom: config -> mesh -> model & params (frozen / trainable) ->
+`train()` reads top to bottom: config -> checks (preflight.py: one-line errors, nothing built
+yet) -> mesh -> model & params (frozen / trainable) ->
 optimizer -> input -> compiled step -> resume -> loop (log, evaluate, checkpoint, SIGTERM,
 non-finite guard).
 """
@@ -17,12 +18,12 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from blip2_jax.preflight import MAX_BATCH_PER_DEVICE, UserError, validate
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (local or gs://).")
-
-
-class UserError(ValueError):
-    """A problem with the configuration or inputs, reported as one line."""
+_MAX_BATCH = flags.DEFINE_integer("max_batch_per_device", MAX_BATCH_PER_DEVICE,
+                                  "Largest global batch per device that validation accepts.")
 
 
 class TrainingHalted(RuntimeError):
@@ -36,6 +37,8 @@ def train(config, workdir: str) -> dict:
     from blip2_jax import sharding
 
     maybe_initialize_distributed(config)
+    # ---------------------------------------------------------------- checks (nothing built yet)
+    validate(config, workdir, _MAX_BATCH.value if flags.FLAGS.is_parsed() else MAX_BATCH_PER_DEVICE)
     # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(tuple(config.mesh_shape))
     logging.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
@@ -265,7 +268,7 @@ def maybe_initialize_distributed(config) -> None:
     if jax.process_count() > 1:
         # Orbax's barriers through the coordination service (with timeouts) rather than
         # collectives: a CPU (gloo) collective fails when peers arrive over 30 s apart.
-        import orbax.checkpoint  # noqa: F401  (defines the flag)
+        import orbax.checkpoint
         try:
             flags.FLAGS.experimental_orbax_use_distributed_barrier = True
         except (AttributeError, flags.Error):
@@ -368,7 +371,7 @@ def _step_flops(config, batch) -> float | None:
     import jax
     try:
         return unrolled_step_flops(config, batch) / jax.device_count() or None
-    except Exception as e:  # noqa: BLE001  (throughput figures are best-effort)
+    except Exception as e:
         logging.warning("no FLOP count for MFU: %s", e)
         return None
 
@@ -393,9 +396,10 @@ def main(argv) -> None:
     if not workdir:
         print("error: --workdir is required", file=sys.stderr)
         sys.exit(2)
+    from blip2_jax.data.builders.base import DatasetError
     try:
         train(_CONFIG.value, workdir)
-    except UserError as e:
+    except (UserError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingHalted as e:
