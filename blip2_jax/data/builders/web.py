@@ -13,8 +13,8 @@ files can be hostile: a record that cannot be used is skipped and counted by rea
 fatal: "outside_root", "malformed_line" (not JSON, not an object, no "image", wrong types,
 over 1 MiB), "bad_encoding" (not UTF-8), "malformed_sidecar", "missing_image", "not_a_file"
 (directories, FIFOs, links inside a tar), "unreadable", "empty_image", "too_large" (an image
-over 64 MiB, a caption file over 1 MiB), "empty_caption", "truncated_tar" (once per tar; its
-last sample is lost), "bad_tar". The first skips of each reason are logged with file and line
+over 64 MiB, a caption file over 1 MiB), "empty_caption", "truncated_tar" (once per tar: the
+sample in progress at the cut), "bad_tar". The first skips of each reason are logged with file and line
 (or shard and member); the counts are saved in the dataset's metadata.json ("skipped", "kept"),
 readable as `builder.info.metadata`. One split, "train"; image_id is the record's position in
 the input (line number; sample index across the shards), unique and stable.
