@@ -13,6 +13,7 @@ setup(
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "transformers>=5.0",
+        "huggingface_hub",
         "tokenizers",
         "sentencepiece",
         "tensorflow-datasets>=4.9.8",

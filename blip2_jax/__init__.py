@@ -6,10 +6,11 @@ first use so that `import blip2_jax` stays cheap (no jax, no transformers).
 
 
 def load(directory, **kwargs):
-    """A transformers-format BLIP-2 directory -> `blip2_jax.inference.Blip2Inference`.
+    """A transformers-format BLIP-2 directory or Hugging Face Hub id ("Salesforce/blip2-opt-2.7b")
+    -> `blip2_jax.inference.Blip2Inference`.
 
     kwargs: dtype ("float32" | "bfloat16"), mesh (a `sharding.make_mesh` mesh), length_bucket,
-    scan_layers (None: unrolled on CPU, scanned elsewhere).
+    scan_layers (None: unrolled on CPU, scanned elsewhere), revision (a Hub branch, tag or commit).
     """
     from blip2_jax.inference import load as _load
 

@@ -11,7 +11,6 @@ the tokenizers and the padding; this file only turns images into pixels and shap
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -24,17 +23,20 @@ from blip2_jax.preprocess import ImageProcessor, InputError
 
 
 def load(directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8,
-         scan_layers: bool | None = None) -> Blip2Inference:
-    """A transformers-format BLIP-2 directory -> Blip2Inference. `dtype` is the compute/storage
-    dtype of the frozen towers ("float32" or "bfloat16"); the Q-Former stays float32.
-    `scan_layers`: see `serving.default_scan_layers` (None = that default)."""
+         scan_layers: bool | None = None, revision: str | None = None) -> Blip2Inference:
+    """A transformers-format BLIP-2 directory or Hugging Face Hub id ("Salesforce/blip2-opt-2.7b",
+    from huggingface_hub's cache or downloaded; `revision`: a branch, tag or commit) ->
+    Blip2Inference. `dtype` is the compute/storage dtype of the frozen towers' matrices
+    ("float32" or "bfloat16"); the Q-Former, layer norms and biases stay float32 whatever the
+    files store. `scan_layers`: see `serving.default_scan_layers` (None = that default)."""
+    from blip2_jax.weights import hf, hub
+
     cache.enable()
-    directory = os.fspath(directory)
+    directory = hub.resolve(os.fspath(directory), revision=revision)
     predictor = serving.Predictor.from_dir(directory, dtype=dtype, mesh=mesh, length_bucket=length_bucket,
                                            scan_layers=scan_layers)
     processor = ImageProcessor.from_dir(directory, default_size=predictor.config.vision.image_size)
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-        architecture = (json.load(f).get("architectures") or [""])[0]
+    architecture = (hf.read_config(directory)[1].get("architectures") or [""])[0]
     return Blip2Inference(predictor, processor, directory=directory, architecture=architecture)
 
 

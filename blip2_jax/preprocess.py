@@ -23,7 +23,6 @@ from blip2_jax import files
 from blip2_jax.data.transforms import CLIP_MEAN, CLIP_STD
 from blip2_jax.models.configs import LIMITS_ENV, Limits
 
-
 _RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC,
              4: Image.BOX, 5: Image.HAMMING}
 
@@ -185,7 +184,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return Image.fromarray(high_bit_depth_to_uint8(im)).convert("RGB")
+        return high_bit_depth_to_l(im).convert("RGB")
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -193,21 +192,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def high_bit_depth_to_uint8(im: Image.Image, block_pixels: int = 2**22) -> np.ndarray:
-    """16/32-bit greyscale (I;16*, I, F) -> uint8 [H, W], the full range scaled to 8 bits
-    (65535 -> 255; I and F by their maximum) instead of clipped at 255. Computed a block of rows
-    at a time in uint32 / float32, so the only full-size temporaries are the image's own array
-    and the uint8 result."""
-    a = np.asarray(im)
-    out = np.empty(a.shape, np.uint8)
-    rows = max(1, block_pixels // max(a.shape[1], 1))
+def high_bit_depth_to_l(im: Image.Image, block_pixels: int = 2**22) -> Image.Image:
+    """16/32-bit greyscale (I;16*, I, F) -> 8-bit greyscale, the full range scaled (65535 ->
+    255; I and F by their maximum) instead of clipped at 255. Read and converted a block of rows
+    at a time in uint32 / float32: no full-size temporary besides the 8-bit result."""
+    w, h = im.size
+    out = np.empty((h, w), np.uint8)
+    rows = max(1, block_pixels // max(w, 1))
     sixteen = im.mode.startswith("I;16")
     if not sixteen:
-        scale = np.float32(255.0 / max(float(a.max(initial=0)), 1.0))
-    for r in range(0, a.shape[0], rows):
-        block = a[r:r + rows]
+        scale = np.float32(255.0 / max(float(im.getextrema()[1]), 1.0))
+    for r in range(0, h, rows):
+        block = np.asarray(im.crop((0, r, w, min(h, r + rows))))
         if sixteen:  # round(v * 255 / 65535) exactly (no ties occur)
             out[r:r + rows] = (block.astype(np.uint32) * 255 + 32767) // 65535
         else:
             out[r:r + rows] = np.clip(np.rint(block.astype(np.float32) * scale), 0, 255)
-    return out
+    return Image.fromarray(out)

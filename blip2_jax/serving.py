@@ -463,33 +463,33 @@ class Predictor:
     @classmethod
     def from_dir(cls, directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8,
                  scan_layers: bool | None = None, tokenizer: Tokenizer | str | None = None,
-                 qformer_tokenizer: Tokenizer | str | None = None) -> Predictor:
-        """A transformers-format BLIP-2 directory (weights, config, tokenizer, generation config).
-        `dtype`: the frozen towers' dtype; `scan_layers`: see `default_scan_layers`; tokenizers
-        given here replace the checkpoint's."""
+                 qformer_tokenizer: Tokenizer | str | None = None, revision: str | None = None) -> Predictor:
+        """A transformers-format BLIP-2 directory or Hugging Face Hub id (`weights/hub.py`;
+        `revision` for ids): weights, config, tokenizer, generation config. Every file is
+        validated before anything is allocated; the weights are then cast and placed on `mesh`
+        one tensor at a time (`weights.hf.read_lazy`). `dtype`: the frozen towers' matrices
+        (the Q-Former, norms and biases stay float32, whatever the files hold); `scan_layers`:
+        see `default_scan_layers`; tokenizers given here replace the checkpoint's."""
         from blip2_jax.models import build
-        from blip2_jax.weights import hf
+        from blip2_jax.weights import hf, hub
         from blip2_jax.weights.safetensors_io import WeightsError
 
-        directory = os.fspath(directory)
+        directory = hub.resolve(os.fspath(directory), revision=revision)
         scan = default_scan_layers() if scan_layers is None else bool(scan_layers)
-        cfg, _ = hf.read_config(directory)
         dt = build.dtype(dtype) if isinstance(dtype, str) else jnp.dtype(dtype)
         mesh = sharding.single_device_mesh() if mesh is None else mesh
+        cfg, _ = hf.read_config(directory)
         try:
             own_tok = load_tokenizer(directory, qformer=cfg.text is None)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise WeightsError(f"{directory}: cannot load the tokenizer: {' '.join(str(e).split())}") from None
-        gen_cfg = {}
-        path = os.path.join(directory, "generation_config.json")
-        if cfg.text is not None and os.path.exists(path):
-            with open(path) as f:
-                gen_cfg = json.load(f)
-        cfg, params = hf.load(directory, frozen_dtype=None if dt == jnp.float32 else dt, scan_layers=scan)
+        gen_cfg = hf.read_generation_config(directory, cfg)
+        ckpt = hf.read_lazy(directory, scan_layers=scan)  # every tensor checked, none read yet
+        cfg = ckpt.config
         model = Blip2(cfg, vision_dtype=dt, text_dtype=dt, scan_layers=scan)
         with sharding.use(mesh):
             shardings = sharding.param_shardings(build.abstract_params(model, cfg), mesh)
-        params = jax.device_put(params, shardings)
+        params = ckpt.place(shardings, dt)
         own = (own_tok, None) if cfg.text is not None else (None, own_tok)
         return cls(model, params, cfg, mesh=mesh, tokenizer=tokenizer or own[0],
                    qformer_tokenizer=qformer_tokenizer or own[1],

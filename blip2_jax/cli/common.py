@@ -30,7 +30,10 @@ def fail(prog: str, message: str):
 
 def parser(prog: str, description: str) -> OneLineParser:
     p = OneLineParser(prog=prog, description=description)
-    p.add_argument("--model", required=True, metavar="DIR", help="transformers-format BLIP-2 directory")
+    p.add_argument("--model", required=True, metavar="DIR_OR_ID",
+                   help="transformers-format BLIP-2 directory, or Hugging Face Hub id (e.g. "
+                        "Salesforce/blip2-opt-2.7b: its cache, downloaded unless HF_HUB_OFFLINE=1)")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit (with a Hub id)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="frozen towers' dtype")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
@@ -77,7 +80,7 @@ def load_images(paths: Sequence[str]):
 
 def load_model(args):
     from blip2_jax.inference import load
-    return load(args.model, dtype=args.dtype)
+    return load(args.model, dtype=args.dtype, revision=getattr(args, "revision", None))
 
 
 def print_json(obj: Any):

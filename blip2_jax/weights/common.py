@@ -73,7 +73,10 @@ def same_values(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:
         return False
     if a.ndim == 0:
         return bool(a == b)
-    return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, len(a), rows))
+    for i in range(0, len(a), rows):
+        if not np.array_equal(a[i:i + rows], b[i:i + rows]):
+            return False
+    return True
 
 
 def stack_layers(layers: Sequence[dict]) -> dict:

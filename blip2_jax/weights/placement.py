@@ -5,9 +5,10 @@ views (transposes and slices of the file's bytes) in which nothing has been read
 then takes one leaf at a time: copies it into a fresh host buffer in its target dtype (a blocked
 copy when the view is a transpose), hands that buffer to `jax.device_put` with the leaf's
 sharding (on a CPU device the 64-byte-aligned buffer becomes the array without a copy), and
-drops the file pages it read. Layers stacked for `nn.scan` are written into their on-device
-stack one layer at a time (a donated in-place update). Peak host memory is the placed weights
-plus one tensor, never a whole-model copy.
+drops the file pages it read. With a mesh, each device's shard is cut from the views directly
+(`jax.make_array_from_callback`), so no host copy of a whole sharded tensor is made; layers
+stacked for `nn.scan` are assembled shard by shard the same way. Peak host memory is the placed
+weights plus one tensor, never a whole-model copy.
 
 The dtype policy (`target_dtype`) depends on the parameter, not on the file: the frozen towers'
 matrices and embeddings in the requested dtype; their biases and norms, `ln_vision`, the query
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from blip2_jax import train_state
 
@@ -131,7 +131,7 @@ Release = Callable[[list], None]
 
 
 def materialize(tree: dict, dtype_of: DtypeFn, release: Release = lambda arrays: None) -> dict:
-    """A lazy tree -> numpy arrays, one leaf at a time (pages released after each)."""
+    """A lazy tree -> numpy arrays, one leaf at a time (pages released as they are copied)."""
     out = {}
     for path, leaf in flatten(tree).items():
         dt = dtype_of(path, leaf)
@@ -148,7 +148,9 @@ def materialize(tree: dict, dtype_of: DtypeFn, release: Release = lambda arrays:
 
 
 def place(tree: dict, shardings: dict, dtype_of: DtypeFn, release: Release = lambda arrays: None) -> dict:
-    """A lazy tree -> jax.Arrays with `shardings` (same structure), one leaf at a time."""
+    """A lazy tree -> jax.Arrays with `shardings` (same structure), one leaf at a time: each
+    device's shard is copied out of the views into its own host buffer (only that slice) and
+    put on the device; then the leaf's file pages are released."""
     flat_sh = flatten(shardings)
     flat = flatten(tree)
     if set(flat) != set(flat_sh):
@@ -157,32 +159,22 @@ def place(tree: dict, shardings: dict, dtype_of: DtypeFn, release: Release = lam
                          f"missing {['/'.join(p) for p in lacking[:3]]}")
     out = {}
     for path, leaf in flat.items():
-        dt, sh = dtype_of(path, leaf), flat_sh[path]
-        if isinstance(leaf, LayerStack):
-            out[path] = _place_stack(leaf, dt, sh, release)
-        else:
-            out[path] = jax.device_put(host_copy(leaf, dt), sh)
-            release([leaf])
+        shard = functools.partial(_host_shard, leaf, dtype_of(path, leaf), release)
+        out[path] = jax.make_array_from_callback(tuple(leaf.shape), flat_sh[path], shard)
     return unflatten(out)
 
 
-def _place_stack(stack: LayerStack, dtype, sharding: NamedSharding, release: Release) -> jax.Array:
-    """Fills the on-device stack layer by layer (the update donates the stack: no second copy)."""
-    spec = tuple(sharding.spec) + (None,) * (len(stack.shape) - len(sharding.spec))
-    layer_sharding = NamedSharding(sharding.mesh, P(*spec[1:]))
-    buf = _zeros(stack.shape, np.dtype(dtype), sharding)
-    update = _layer_update(sharding)
-    for i, layer in enumerate(stack.layers):
-        buf = update(buf, jax.device_put(host_copy(layer, dtype), layer_sharding), i)
-        release([layer])
-    return buf
-
-
-def _zeros(shape, dtype, sharding) -> jax.Array:
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-
-
-@functools.lru_cache(maxsize=None)
-def _layer_update(sharding: NamedSharding):
-    return jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0),
-                   donate_argnums=0, out_shardings=sharding)
+def _host_shard(leaf, dtype, release: Release, index: tuple) -> np.ndarray:
+    """The part `index` (a tuple of slices) of a leaf, as a fresh aligned host array in `dtype`;
+    the file pages it was copied from are released at once (layer by layer for a stack)."""
+    if not isinstance(leaf, LayerStack):
+        out = host_copy(np.asarray(leaf[index]), dtype)
+        release([leaf])
+        return out
+    rows = range(len(leaf.layers))[index[0]]
+    rest = index[1:]
+    out = aligned_empty((len(rows),) + np.asarray(leaf.layers[0][rest]).shape, dtype)
+    for j, i in enumerate(rows):
+        copy_into(out[j], np.asarray(leaf.layers[i][rest]))
+        release([leaf.layers[i]])
+    return out

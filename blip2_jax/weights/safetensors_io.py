@@ -17,8 +17,8 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Mapping
-from typing import Iterator, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -76,15 +76,15 @@ def _parse_header(raw: bytes, path: str, max_tensors: int) -> dict:
     """Header bytes -> the JSON object without `__metadata__`. The bracket and comma counts bound
     how many Python objects parsing can create (a legitimate entry has one object, two lists and
     a few commas), so a hostile header cannot take more memory than a large honest one."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise WeightsError(f"{path}: corrupt safetensors header: not UTF-8 (byte {e.start})") from None
-    if not text.lstrip().startswith("{"):
+    if not raw.lstrip().startswith(b"{"):
         raise WeightsError(f"{path}: corrupt safetensors header: not a JSON object")
     if raw.count(b"{") + raw.count(b"[") > 3 * max_tensors + 16 or raw.count(b",") > 16 * max_tensors + 64:
         raise WeightsError(f"{path}: safetensors header has more than {max_tensors} entries' worth of JSON "
                            f"(limit max_tensors; see {LIMITS_ENV})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"{path}: corrupt safetensors header: not UTF-8 (byte {e.start})") from None
     try:
         header = json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:

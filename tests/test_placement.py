@@ -1,0 +1,164 @@
+"""Lean loading (weights/placement.py): one dtype policy whatever the files store, sharded and
+scanned placement equal to the plain numpy load, and peak host memory within 1.1x the placed
+weights (measured in a subprocess on a checkpoint of a few hundred MB)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from blip2_jax import serving, sharding
+from blip2_jax.models import build
+from blip2_jax.models.blip2 import Blip2
+from blip2_jax.models.configs import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
+from blip2_jax.weights import hf, placement
+from blip2_jax.weights.safetensors_io import LazyStateDict, save_state_dict
+from tests.conftest import GOLDEN, ROOT
+
+
+def stored_as(tmp_path, case: str, dtype) -> str:
+    """The golden directory with every tensor stored in `dtype` (as released checkpoints are)."""
+    d = tmp_path / f"{case}_{np.dtype(dtype).name}"
+    shutil.copytree(GOLDEN / case, d)
+    sd = {k: np.asarray(v).astype(dtype) for k, v in LazyStateDict([str(d / "model.safetensors")]).items()}
+    (d / "model.safetensors").unlink()
+    save_state_dict(sd, str(d), max_shard_bytes=2**17)  # sharded, as released
+    return str(d)
+
+
+def dtypes(params) -> dict:
+    return {"/".join(p): np.dtype(x.dtype).name for p, x in placement.flatten(jax.tree.map(lambda a: a, params)).items()}
+
+
+def expected_dtype(path: str, dtype: str) -> str:
+    """The policy, spelled out: frozen towers' kernels/embeddings in `dtype`, the rest float32."""
+    frozen = path.startswith("language_model/") or (path.startswith("vision_model/")
+                                                    and not path.startswith("vision_model/post_layernorm"))
+    vector = path.endswith(("/bias", "/scale")) or "norm" in path
+    return dtype if frozen and not vector else "float32"
+
+
+@pytest.mark.parametrize("case", ["blip2_opt", "blip2_t5"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dtype_policy_does_not_depend_on_the_files(tmp_path, case, dtype):
+    want = None
+    for stored in (np.float32, ml_dtypes.bfloat16, np.float16):
+        directory = str(GOLDEN / case) if stored is np.float32 else stored_as(tmp_path, case, stored)
+        got = dtypes(serving.Predictor.from_dir(directory, dtype=dtype).params)
+        want = want or got
+        assert got == want, (np.dtype(stored).name, {k: (v, want[k]) for k, v in got.items() if want[k] != v})
+    assert all(v == expected_dtype(k, dtype) for k, v in want.items()), want
+    assert want["qformer/query_tokens"] == "float32" and want["vision_model/post_layernorm/scale"] == "float32"
+    assert any(v == dtype for k, v in want.items() if k.startswith("language_model/"))
+
+
+def test_half_precision_files_load_exactly(tmp_path):
+    """bfloat16 files loaded as float32: every value is the stored bfloat16 value, exactly."""
+    d = stored_as(tmp_path, "blip2_opt", ml_dtypes.bfloat16)
+    _, p16 = hf.load(d, frozen_dtype=np.float32)
+    _, p32 = hf.load(str(GOLDEN / "blip2_opt"))
+    for (path, a), b in zip(placement.flatten(p16).items(), placement.flatten(p32).values()):
+        assert a.dtype == np.float32, path
+        np.testing.assert_array_equal(a, b.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=str(path))
+    _, stored = hf.load(d)  # no dtype: as stored
+    assert {x.dtype for x in jax.tree.leaves(stored)} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sharded_placement_equals_numpy_load(scan):
+    mesh = sharding.make_mesh((1, 4, 2))
+    pred = serving.Predictor.from_dir(GOLDEN / "blip2_opt", dtype="bfloat16", mesh=mesh, scan_layers=scan)
+    _, ref = hf.load(str(GOLDEN / "blip2_opt"), frozen_dtype=jnp.bfloat16, scan_layers=scan)
+    with sharding.use(mesh):
+        want = sharding.param_shardings(build.abstract_params(pred.model, pred.config), mesh)
+    flat_sh = placement.flatten(want)
+    for path, x in placement.flatten(pred.params).items():
+        assert x.sharding == flat_sh[path], path
+        np.testing.assert_array_equal(np.asarray(x), placement.flatten(ref)[path], err_msg=str(path))
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(pred.params))
+
+
+def test_host_copy_is_aligned_and_transposes_exactly():
+    a = np.arange(1200 * 700, dtype=np.float32).reshape(1200, 700)
+    out = placement.host_copy(a.T, ml_dtypes.bfloat16)
+    assert out.ctypes.data % 64 == 0 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, a.T.astype(ml_dtypes.bfloat16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak host memory
+# ----------------------------------------------------------------------------------------------
+MEASURE = """
+    import json, re, sys, time
+    import jax
+    from blip2_jax import sharding
+    from blip2_jax.models import build
+    from blip2_jax.models.blip2 import Blip2
+    from blip2_jax.weights import hf
+
+    def hwm_mib():
+        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    directory, dtype, scan = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    jax.devices()
+    ckpt = hf.read_lazy(directory, scan_layers=scan)
+    dt = build.dtype(dtype)
+    model = Blip2(ckpt.config, vision_dtype=dt, text_dtype=dt, scan_layers=scan)
+    mesh = sharding.single_device_mesh()
+    with sharding.use(mesh):
+        shardings = sharding.param_shardings(build.abstract_params(model, ckpt.config), mesh)
+    before = hwm_mib()
+    start = time.perf_counter()
+    params = jax.block_until_ready(ckpt.place(shardings, dt))
+    seconds = time.perf_counter() - start
+    weights = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20
+    print(json.dumps({"before": before, "peak": hwm_mib(), "weights": weights, "seconds": seconds}))
+"""
+
+
+def write_checkpoint(directory) -> int:
+    """A BLIP-2 of ~320 MB in float32 (largest tensor under 3 % of it), 4 shards."""
+    cfg = Blip2Config(
+        vision=VisionConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8),
+        qformer=QFormerConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                              encoder_hidden_size=512),
+        text=OPTConfig(vocab_size=4096, hidden_size=768, ffn_dim=3072, num_hidden_layers=8, num_attention_heads=12,
+                       max_position_embeddings=512, word_embed_proj_dim=768, bos_token_id=2, eos_token_id=2,
+                       pad_token_id=1))
+    abstract = sharding.unbox(build.abstract_params(Blip2(cfg, scan_layers=False), cfg))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, dtype=np.float32) * 0.02, abstract)
+    hf.save(str(directory), cfg, params, max_shard_bytes=90 * 2**20)
+    return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_peak_host_memory_within_1_1x_the_placed_weights(tmp_path):
+    nbytes = write_checkpoint(tmp_path / "ckpt")
+    assert nbytes > 250 * 2**20
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", OPENBLAS_NUM_THREADS="1")
+    only_jax = subprocess.run([sys.executable, "-c", "import jax, re; jax.devices(); print(int(re.search("
+                               "r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)"],
+                              capture_output=True, text=True, env=env, check=True)
+    for dtype, scan in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
+        run = subprocess.run([sys.executable, "-c", textwrap.dedent(MEASURE), str(tmp_path / "ckpt"), dtype,
+                              str(int(scan))], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        m = json.loads(run.stdout.strip().splitlines()[-1])
+        # the weights in their target dtypes (bfloat16: the Q-Former, norms and biases stay float32)
+        assert m["weights"] * 2**20 == nbytes if dtype == "float32" else 0.5 < m["weights"] * 2**20 / nbytes < 0.6
+        grown = m["peak"] - m["before"]
+        print(f"{dtype} scan={scan}: weights {m['weights']:.0f} MiB, peak grew {grown:.0f} MiB "
+              f"({grown / m['weights']:.3f}x) in {m['seconds']:.2f} s; peak {m['peak']:.0f} MiB vs "
+              f"{float(only_jax.stdout):.0f} MiB for a process that only imports jax")
+        assert grown <= 1.1 * m["weights"], (dtype, scan, m)
