@@ -18,7 +18,10 @@ from blip2_jax.models.qformer import itc_similarity
 
 Array = jax.Array
 
-HARD_NEGATIVE_FLOOR = 1e-4  # LAVIS adds this to the softmax weights so every negative can be drawn
+# BLIP-2 (LAVIS blip2_qformer.py) draws hard negatives from the softmax over the negatives alone
+# (positives set to -10000 first). BLIP (blip_pretrain.py) added 1e-4 to the softmax over all
+# columns: once ITC puts nearly all the mass on the positive, that floor makes the draw uniform.
+HARD_NEGATIVE_FLOOR = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,11 +101,13 @@ def itc_loss(sim_i2t: Array, sim_t2i: Array, image_ids: Array | None = None,
 # Image-text matching (ITM) with hard-negative mining
 # ----------------------------------------------------------------------------------------------
 def _hard_negative_logits(sim: Array, positives: Array, floor: float) -> Array:
-    """log(softmax(sim) + floor) with positives at -inf; rows with no negative become uniform
-    (all zeros) so sampling stays finite — such a row (B = 1, one image per batch) has no true
+    """Sampling logits: sim with positives at -inf (softmax over the negatives; with floor > 0,
+    log(softmax over all columns + floor) instead). Rows with no negative become uniform (all
+    zeros) so sampling stays finite — such a row (B = 1, one image per batch) has no true
     negative and its "negative" is an arbitrary pair."""
-    logp = jax.nn.log_softmax(sim.astype(jnp.float32), axis=-1)
-    logits = jnp.logaddexp(logp, jnp.log(floor)) if floor > 0 else logp
+    logits = sim.astype(jnp.float32)
+    if floor > 0:
+        logits = jnp.logaddexp(jax.nn.log_softmax(logits, axis=-1), jnp.log(floor))
     logits = jnp.where(positives, -jnp.inf, logits)
     has_negative = jnp.any(~positives, axis=-1, keepdims=True)
     return jnp.where(has_negative, logits, 0.0)
@@ -113,9 +118,10 @@ def sample_hard_negatives(rng: Array, sim_i2t: Array, sim_t2i: Array,
                           ) -> tuple[Array, Array]:
     """Hard negatives for ITM, drawn in proportion to the contrastive similarity.
 
-    Per text j, one image from softmax(sim_t2i[j]) + floor over non-positive images; per image i,
-    one text from softmax(sim_i2t[i]) + floor over non-positive texts (LAVIS: softmax + 1e-4 with
-    the positives zeroed; floor=0 gives the plain masked softmax). No gradient flows through.
+    Per text j, one image from the softmax of sim_t2i[j] over the non-positive images; per image
+    i, one text from the softmax of sim_i2t[i] over the non-positive texts (BLIP-2, LAVIS
+    blip2_qformer.py). floor > 0 gives BLIP's variant: softmax over all columns + floor, the
+    positives then zeroed. No gradient flows through.
     Returns neg_image_index [B] (for text j) and neg_text_index [B] (for image i), int32."""
     b = sim_i2t.shape[0]
     pos = positive_pairs(b, image_ids)

@@ -108,32 +108,42 @@ def test_itc_unique_ids_equal_no_ids():
 # ----------------------------------------------------------------------------------------------
 # ITM
 # ----------------------------------------------------------------------------------------------
-def lavis_negative_weights(sim, image_ids=None, floor=1e-4):
-    """LAVIS: softmax(sim) + 1e-4 with the positives zeroed, then normalised (multinomial)."""
-    w = np.exp(np_log_softmax(sim)) + floor
+def lavis_negative_weights(sim, image_ids=None, floor=0.0):
+    """BLIP-2 (LAVIS blip2_qformer.py): positives set to -10000, then softmax. With a floor,
+    BLIP's (blip_pretrain.py): softmax over all columns + floor, positives zeroed, normalised."""
     b = sim.shape[0]
     pos = np.eye(b, dtype=bool) if image_ids is None else image_ids[:, None] == image_ids[None, :]
-    w[pos] = 0
-    return w / w.sum(1, keepdims=True)
+    if floor:
+        w = np.exp(np_log_softmax(sim)) + floor
+        w[pos] = 0
+        return w / w.sum(1, keepdims=True)
+    return np.exp(np_log_softmax(np.where(pos, -10000.0, sim)))
 
 
-_sample = jax.jit(jax.vmap(losses.sample_hard_negatives, in_axes=(0, None, None, None)))
+_sample = jax.jit(jax.vmap(losses.sample_hard_negatives, in_axes=(0, None, None, None, None)),
+                  static_argnums=4)
 
 
+@pytest.mark.parametrize("floor", [0.0, 1e-4])
 @pytest.mark.parametrize("with_ids", [False, True])
-def test_hard_negative_distribution(with_ids):
+def test_hard_negative_distribution(with_ids, floor):
     b, n = 5, 20000
-    sim_i2t = RNG.normal(size=(b, b)) * 2
-    sim_t2i = RNG.normal(size=(b, b)) * 2
+    # the positives dominate the softmax, as after some ITC training (where BLIP's floor and
+    # BLIP-2's masked softmax part ways)
+    sim_i2t = RNG.normal(size=(b, b)) * 2 + np.eye(b) * 14
+    sim_t2i = RNG.normal(size=(b, b)) * 2 + np.eye(b) * 14
     ids = np.array([0, 1, 0, 2, 3]) if with_ids else None
     keys = jax.random.split(jax.random.key(1), n)
     neg_img, neg_txt = _sample(keys, jnp.asarray(sim_i2t, jnp.float32),
                                jnp.asarray(sim_t2i, jnp.float32),
-                               None if ids is None else jnp.asarray(ids))
+                               None if ids is None else jnp.asarray(ids), floor)
     neg_img, neg_txt = np.asarray(neg_img), np.asarray(neg_txt)
     for draws, sim in ((neg_img, sim_t2i), (neg_txt, sim_i2t)):  # text -> image uses sim_t2i
         freq = np.stack([np.bincount(draws[:, r], minlength=b) for r in range(b)]) / n
-        expect = lavis_negative_weights(sim, ids)
+        expect = lavis_negative_weights(sim, ids, floor)
+        if floor == 0.0:  # the default is BLIP-2's
+            assert losses.HARD_NEGATIVE_FLOOR == 0.0
+            assert np.abs(expect - lavis_negative_weights(sim, ids, 1e-4)).max() > 0.1
         assert np.all(freq[expect == 0] == 0), "a positive was drawn as a negative"
         np.testing.assert_allclose(freq, expect, atol=0.015)
 
@@ -284,3 +294,113 @@ def test_sharded_equals_single_device():
     # and the single-device numbers are LAVIS's
     i2t, t2i = np_itc_sims(args["img"], args["txt"], 0.07)
     np.testing.assert_allclose(ref["itc"], np_itc_loss(i2t, t2i, args["ids"]), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage-1 task (tasks.Stage1: which passes feed which loss) against LAVIS's formulation
+# ----------------------------------------------------------------------------------------------
+def _stage1_model(b: int, t: int, v: int = 40):
+    from blip2_jax import config_lib, sharding
+    from blip2_jax.miniature import tiny
+    from blip2_jax.models import build
+    c = tiny.tiny(config_lib.base(task="stage1", preset="pretrain_vitg"), text=None)
+    c.model.qformer_lm_head = True
+    c.model.num_query_tokens = 4
+    c.model.qformer = dict(c.model.qformer, vocab_size=v)
+    model, cfg = build.build_model(c.model)
+    params = sharding.unbox(jax.jit(model.init)(jax.random.key(0), **build.init_inputs(cfg))["params"])
+    # Features far apart (the 0.02 init leaves every text almost the same) and the smallest
+    # temperature LAVIS allows: the softmax that draws hard negatives is then one-hot on the
+    # hardest one, so the reference can name every ITM pair.
+    params["qformer"] = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * 16.0 if getattr(p[-1], "key", "") in ("kernel", "word_embeddings") else x,
+        params["qformer"])
+    params["qformer"]["temp"] = jnp.asarray(0.001, jnp.float32)
+    r = np.random.default_rng(5)
+    lengths = r.integers(3, t + 1, size=b)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, r.integers(6, v, size=(b, t)), 0).astype(np.int32)
+    ids[:, 0] = 2                                  # [CLS]
+    dec = ids.copy()
+    dec[:, 0] = 5                                  # [DEC]
+    s = cfg.vision.image_size
+    batch = {"image": r.normal(size=(b, s, s, 3)).astype(np.float32),
+             "image_id": np.arange(b, dtype=np.int32), "qformer_input_ids": ids,
+             "qformer_attention_mask": mask, "qformer_dec_input_ids": dec}
+    return c, model, params, batch
+
+
+def _forward(model, params, batch):
+    """The Q-Former's passes (tested against transformers in test_qformer.py), as numpy."""
+    v = {"params": params}
+    ap = lambda fn, *a: np.asarray(model.apply(v, *a, method=fn), np.float64)  # noqa: E731
+    image = model.apply(v, batch["image"], method="encode_image")
+    img = ap(lambda m, e: m.qformer.image_embeds(m.qformer.query_features(e)), image)
+    txt = ap(lambda m, i, a: m.qformer.text_embeds(m.qformer.text_features(i, a)),
+             batch["qformer_input_ids"], batch["qformer_attention_mask"])
+
+    def itm(images, texts):
+        return ap(lambda m, e, i, a: m.qformer.itm_logits(m.qformer.multimodal_features(e, i, a)),
+                  image[images], batch["qformer_input_ids"][texts], batch["qformer_attention_mask"][texts])
+
+    def itg(ids):
+        def run(m, e, i, a):
+            _, cache = m.qformer.query_features(e, return_cache=True)
+            return m.qformer.causal_lm(i, a, cache)
+        return ap(run, image, ids, batch["qformer_attention_mask"])
+    return img, txt, itm, itg
+
+
+def _hardest(sim, positives, same):
+    """Per row: the highest-similarity non-positive column, and its margin over the best column
+    that is not the same input (`same[c, d]`: columns c and d hold the same image or text)."""
+    masked = np.where(positives, -np.inf, sim)
+    best = np.argmax(masked, axis=1)
+    rows = np.arange(len(sim))
+    rest = np.where(same[best], -np.inf, masked)
+    return best, masked[rows, best] - rest.max(axis=1)
+
+
+@pytest.mark.parametrize("same_image_positives", [False, True])
+def test_stage1_task_matches_lavis(same_image_positives):
+    """ITC (query max, both directions, label smoothing 0.1), ITM (hard negatives drawn from
+    softmax(similarity) of the right direction with the positives masked out; LAVIS's
+    [pos; (neg image, text); (image, neg text)] pairs and labels), ITG ([DEC] first, shifted,
+    label smoothing 0.1): each loss of `tasks.Stage1` equals LAVIS's, computed here in numpy
+    from the Q-Former's own passes."""
+    from blip2_jax import tasks
+    b, t = 6, 7
+    c, model, params, batch = _stage1_model(b, t)
+    if same_image_positives:  # retrieval fine-tuning: rows 0 and 1 show the same image
+        c.losses.same_image_positives = True
+        batch["image"][1] = batch["image"][0]
+        batch["image_id"][1] = batch["image_id"][0]
+    task = tasks.get("stage1", model, c)
+    total, got = jax.jit(task.loss)(params, {k: jnp.asarray(x) for k, x in batch.items()}, jax.random.key(1))
+
+    img, txt, itm, itg = _forward(model, params, batch)
+    ids = batch["image_id"] if same_image_positives else None
+    sim_i2t, sim_t2i = np_itc_sims(img, txt, 0.001)
+    want_itc = np_itc_loss(sim_i2t, sim_t2i, ids, eps=0.1)
+
+    pos = (batch["image_id"][:, None] == batch["image_id"][None]) if same_image_positives else np.eye(b, dtype=bool)
+    same_image = batch["image_id"][:, None] == batch["image_id"][None]
+    neg_image, gap_t = _hardest(sim_t2i, pos, same_image)    # for each text: an image
+    neg_text, gap_i = _hardest(sim_i2t, pos, np.eye(b, dtype=bool))  # for each image: a text
+    # exp(-12) is far below the 1e-4 floor LAVIS adds to every weight: one-hot in effect
+    assert gap_t.min() > 12 and gap_i.min() > 12, "the hardest negatives must be unambiguous"
+    ar = np.arange(b)
+    logits = itm(np.concatenate([ar, neg_image, ar]), np.concatenate([ar, ar, neg_text]))
+    want_itm = np_cross_entropy(logits, np.r_[np.ones(b, int), np.zeros(2 * b, int)])
+    want_itg = lavis_itg_reference(itg(batch["qformer_dec_input_ids"]), batch["qformer_dec_input_ids"],
+                                   batch["qformer_attention_mask"], eps=0.1)
+
+    np.testing.assert_allclose(got["itc_loss"], want_itc, rtol=2e-4)
+    np.testing.assert_allclose(got["itm_loss"], want_itm, rtol=2e-4)
+    np.testing.assert_allclose(got["itg_loss"], want_itg, rtol=2e-4)
+    np.testing.assert_allclose(total, want_itc + want_itm + want_itg, rtol=2e-4)
+    # the hard negatives matter: drawing them from the other direction's rows changes the loss
+    swapped = itm(np.concatenate([ar, neg_text, ar]), np.concatenate([ar, ar, neg_image]))
+    other = np_cross_entropy(swapped, np.r_[np.ones(b, int), np.zeros(2 * b, int)])
+    if not np.array_equal(neg_text, neg_image):
+        assert abs(other - want_itm) > 1e-3
