@@ -17,28 +17,32 @@ JSON_MAX_BYTES = 64 * 2**20  # config / index / processor files are kilobytes; a
 
 
 def open_regular(path: str, error: type[Exception] = ValueError, what: str = "file") -> IO[bytes]:
-    """Opens `path` for binary reading if it is a regular file (symlinks followed). The check is
-    made on the opened descriptor, which is opened non-blocking so a FIFO cannot hang us."""
+    """Opens `path` for binary reading if it is a regular file (symlinks followed). A FIFO, device
+    or socket is refused from `os.stat` without being opened; the check is repeated on the
+    descriptor (opened non-blocking), so a file swapped in between cannot hang us either."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        _require_regular(os.stat(path).st_mode, path, error, what)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise error(f"{what} is a directory, not a file: {path}") from None
     except OSError as e:
         raise error(f"cannot open {what} {path}: {e.strerror or e}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "not a regular file")
-            raise error(f"{what} {path} is {kind}, not a regular file")
-        os.set_blocking(fd, True)
+        _require_regular(os.fstat(fd).st_mode, path, error, what)
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _require_regular(mode: int, path: str, error: type[Exception], what: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise error(f"{what} {path} is {kind}, not a regular file")
 
 
 def read_json(path: str, error: type[Exception] = ValueError, what: str = "JSON file",

@@ -37,6 +37,7 @@ _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the format's own bound
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 _PAGE = mmap.PAGESIZE
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # absent where mmap has no madvise (Windows)
 
 
 class WeightsError(ValueError):
@@ -221,6 +222,9 @@ class LazyStateDict(Mapping):
             return np.zeros(e.shape, e.dtype)
         return np.frombuffer(self._map(i), e.dtype, count=n, offset=self._files[i].data_start + e.start).reshape(e.shape)
 
+    def __contains__(self, name) -> bool:
+        return name in self._index
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._index[name][1].shape
 
@@ -233,9 +237,11 @@ class LazyStateDict(Mapping):
     def release(self, arrays: Iterable[np.ndarray] | None = None) -> None:
         """Drops the mapped pages under `arrays` (views from this mapping; None: every page) from
         this process's memory; they are read again from the file if used again."""
+        if not _DONTNEED:
+            return
         if arrays is None:
             for mm in self._maps.values():
-                mm.madvise(mmap.MADV_DONTNEED)
+                mm.madvise(_DONTNEED)
             return
         for a in arrays:
             if not isinstance(a, np.ndarray) or a.size == 0:
@@ -246,7 +252,7 @@ class LazyStateDict(Mapping):
                 if base <= lo < base + len(mm):
                     start = (lo - base) // _PAGE * _PAGE
                     stop = min(len(mm), -(-(hi - base) // _PAGE) * _PAGE)
-                    mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+                    mm.madvise(_DONTNEED, start, stop - start)
                     break
 
     def __iter__(self) -> Iterator[str]:
