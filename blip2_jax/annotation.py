@@ -414,6 +414,7 @@ def annotate(shards: Sequence[Shard], task, preprocess: Callable[[Image.Image], 
     from tqdm import tqdm
 
     t0, summary = time.perf_counter(), Summary()
+    os.makedirs(out_dir, exist_ok=True)
     mine = my_shards(shards, process_index, process_count)
     todo = [s for s in mine if not os.path.exists(done_path(out_dir, s.index))]
     summary.already_done = len(mine) - len(todo)
