@@ -4,6 +4,7 @@
       -> this host's shard ([process_index::process_count])
       -> train: seeded global shuffle, reshuffled each epoch; repeat(num_epochs)
       -> per example (random_map, seeded by index): decode (bad images -> skipped and counted),
+         train: one of the image's captions per step (`pick_caption`: CapFilt's kept captions),
          train: RandomResizedCrop(scale 0.5-1, bicubic) + flip | eval: bicubic resize,
          CLIP normalisation, BLIP text normalisation, the named text processor
       -> train: batch in the worker processes, then mp_prefetch
@@ -102,6 +103,14 @@ def default_input_config() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------ one example
+def pick_caption(captions: list[str], rng: np.random.Generator) -> str:
+    """The caption an image trains on at this step: one of its captions, uniformly (the paper's
+    use of CapFilt's kept captions, `capfilt_pairs`). `rng` is the step's own generator (grain's
+    random_map: seeded by `input.seed` and the example's position in the shuffled, repeated
+    order), so the choice is a function of the seed and the step, and a resumed run repeats it."""
+    return captions[int(rng.integers(len(captions)))]
+
+
 def _swap_left_right(s: str) -> str:
     return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", s)
 
@@ -154,7 +163,7 @@ class ExampleProcessor:
             caps = [c for c in caps if c]
             if not caps:
                 return Skipped("empty_caption")
-            return {"caption": caps[int(rng.integers(len(caps)))] if self.train else caps[0]}
+            return {"caption": pick_caption(caps, rng) if self.train else caps[0]}
         if "question" in rec:
             question = text_lib.as_text(rec["question"])
             answers = [text_lib.as_text(a).strip() for a in rec.get("answers", [])]

@@ -9,7 +9,10 @@ Name (as in `config.input.dataset`, optionally "name/config") -> builder:
   vqav2                VQAv2 with all 10 answers           (vqa.py)
   okvqa                OK-VQA                              (vqa.py)
   gqa_balanced         GQA balanced                        (vqa.py)
-  image_text_pairs     web image-text pairs (CC3M/CC12M/SBU/LAION style)  (web.py)
+  image_text_pairs     web image-text pairs (CC3M/CC12M/SBU/LAION style)  (web.py; with Apache
+                       Beam: web_beam.py, not registered, the same dataset)
+  capfilt_pairs        CapFilt's output: kept captions and their scores   (capfilt.py; written by
+                       `python -m blip2_jax.capfilt`)
 Each real-corpus builder documents the files it expects under `manual_dir`
 (its MANUAL_DOWNLOAD_INSTRUCTIONS). Importing this package registers them with TFDS, so
 `tfds.data_source(name, data_dir=...)` finds them too.
@@ -21,6 +24,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from blip2_jax.data.builders.base import prepare
+from blip2_jax.data.builders.capfilt import CapfiltPairs
 from blip2_jax.data.builders.captions import CocoKarpathy, Flickr30kKarpathy, NoCaps, VgRegions
 from blip2_jax.data.builders.vqa import GqaBalanced, OkVqa, Vqav2
 from blip2_jax.data.builders.web import ImageTextPairs
@@ -28,7 +32,7 @@ from blip2_jax.data.builders.synthetic_shapes import SyntheticShapes
 
 BUILDERS = {cls.name: cls for cls in (
     SyntheticShapes, CocoKarpathy, Flickr30kKarpathy, NoCaps, VgRegions, Vqav2, OkVqa,
-    GqaBalanced, ImageTextPairs)}
+    GqaBalanced, ImageTextPairs, CapfiltPairs)}
 
 
 def builder_class(name: str):
