@@ -11,14 +11,14 @@ then drawn (N(0, 0.02), norms 1 / 0) in bfloat16 and written shard by shard (2 G
 processor and a generation config. Peak memory: about one shard. The folder is a cache outside
 the repository (`$BLIP2_JAX_FULL_DIR`, default ~/.cache/blip2_jax/full/<name>); never commit it.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import pathlib
 import shutil
 import sys
-
-import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -56,6 +56,7 @@ def default_dir(name: str) -> pathlib.Path:
 
 def build_meta(name: str):
     """transformers' Blip2ForConditionalGeneration of `name` on the meta device."""
+    import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     text, tok_case, _ = CONFIGS[name]
@@ -87,6 +88,7 @@ def plan(model) -> list[list[tuple[str, torch.Size]]]:
 
 def draw(key: str, shape, gen) -> torch.Tensor:
     """N(0, 0.02) weights; norm scales 1 and biases 0; bfloat16."""
+    import torch
     if "norm" in key.lower() or "ln_" in key:
         x = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
     else:
@@ -95,6 +97,7 @@ def draw(key: str, shape, gen) -> torch.Tensor:
 
 
 def write(name: str, out: pathlib.Path) -> None:
+    import torch
     from safetensors.torch import save_file
 
     model, config = build_meta(name)
