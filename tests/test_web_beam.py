@@ -157,6 +157,7 @@ def test_no_usable_pair_is_one_error(tmp_path):
         build_beam(manual, tmp_path / "data")
 
 
+@pytest.mark.slow  # two processes importing Beam and TFDS
 def test_command_line_refuses_or_keeps_a_finished_build(clean_tars, tmp_path):
     def run(*extra):
         cmd = [sys.executable, "-m", "blip2_jax.build_pairs", "--manual_dir", str(clean_tars),

@@ -107,6 +107,7 @@ def run_jax(args, opts, inputs, output) -> dict:
     from blip2_jax.data import capfilt
 
     shape = parse_mesh(args.mesh)
+    output.prepare(args.if_exists, leader=False)  # refusals come before the models load
     init_distributed(args)
     import jax
     cache.enable()
@@ -115,8 +116,11 @@ def run_jax(args, opts, inputs, output) -> dict:
     captioner, cp = capfilt.load_model(args.captioner, dtype=args.dtype, mesh=mesh)
     scorer, sp = capfilt.load_model(args.scorer, dtype=args.dtype, mesh=mesh)
     step = capfilt.CapfiltStep(captioner, scorer, opts)  # bad options fail before the output is touched
-    output.prepare(args.if_exists, leader=pi == 0)
+    if pi == 0:
+        output.prepare(args.if_exists)
     barrier("blip2_capfilt_start", 600)
+    if pi != 0:
+        output.prepare("resume", leader=False)  # the leader's folder: this run's settings
     summary = capfilt.run_shards(inputs, step, capfilt.TwoViews(cp, sp), output, process_index=pi,
                                  process_count=pc, workers=args.workers,
                                  max_pixels=args.max_pixels or capfilt.annotation.MAX_IMAGE_PIXELS,

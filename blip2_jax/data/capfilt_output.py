@@ -155,4 +155,4 @@ def _commit(dst: epath.Path, write: Callable[[str], None]) -> None:
             epath.Path(scratch).copy(tmp, overwrite=True)
         finally:
             os.remove(scratch)
-    tmp.rename(dst)
+    tmp.replace(dst)  # a shard committed by a run killed before its marker is redone
