@@ -26,6 +26,7 @@ def base(task: str, preset: str | None) -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.grad_accum_steps = 1
     c.mesh_shape = (-1, 1, 1)          # (data, fsdp, tensor); -1 = the remaining devices
+    c.max_batch_per_device = 4096      # validation: a larger global batch per device is refused
     c.peak_flops = 0.0                 # per device, for MFU; 0 = look up by device kind
 
     c.model = ml_collections.ConfigDict()

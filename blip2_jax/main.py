@@ -18,12 +18,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from blip2_jax.preflight import MAX_BATCH_PER_DEVICE, UserError, validate
+from blip2_jax.preflight import UserError, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (local or gs://).")
-_MAX_BATCH = flags.DEFINE_integer("max_batch_per_device", MAX_BATCH_PER_DEVICE,
-                                  "Largest global batch per device that validation accepts.")
 
 
 class TrainingHalted(RuntimeError):
@@ -38,7 +36,7 @@ def train(config, workdir: str) -> dict:
 
     maybe_initialize_distributed(config)
     # ---------------------------------------------------------------- checks (nothing built yet)
-    validate(config, workdir, _MAX_BATCH.value if flags.FLAGS.is_parsed() else MAX_BATCH_PER_DEVICE)
+    validate(config, workdir)
     # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(tuple(config.mesh_shape))
     logging.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
@@ -268,7 +266,7 @@ def maybe_initialize_distributed(config) -> None:
     if jax.process_count() > 1:
         # Orbax's barriers through the coordination service (with timeouts) rather than
         # collectives: a CPU (gloo) collective fails when peers arrive over 30 s apart.
-        import orbax.checkpoint
+        import orbax.checkpoint  # noqa: F401  (defines the barrier flag set below)
         try:
             flags.FLAGS.experimental_orbax_use_distributed_barrier = True
         except (AttributeError, flags.Error):

@@ -3,7 +3,7 @@
 `validate(config, workdir)` raises the first problem as a one-line `UserError` that names the
 flag fixing it; `python -m blip2_jax.main` prints it and exits with code 2. Checked: positive
 steps and intervals; a mesh that fits the devices; a batch that is positive, within
-`max_batch_per_device` x devices (the input pipeline holds a local batch in host memory) and
+`config.max_batch_per_device` x devices (the input pipeline holds a local batch in host memory) and
 divisible by accumulation steps x the mesh's batch axes and by the processes; the weights
 `config.init` reads (stage 2: a stage-1 workdir with checkpoints; tower directories that are set
 must exist, unset ones start random, with a warning); a known dataset, text processor and
@@ -17,18 +17,15 @@ import tempfile
 
 from absl import logging
 
-# A global batch above this many examples per device is refused (`--max_batch_per_device`).
-MAX_BATCH_PER_DEVICE = 4096
-
 
 class UserError(ValueError):
     """A problem with the configuration or inputs, reported as one line."""
 
 
-def validate(config, workdir: str, max_batch_per_device: int = MAX_BATCH_PER_DEVICE) -> None:
+def validate(config, workdir: str) -> None:
     """Raises UserError for the first problem of `config` / `workdir`; creates nothing."""
     check_schedule(config)
-    check_mesh_and_batch(config, max_batch_per_device)
+    check_mesh_and_batch(config, positive_int(config.max_batch_per_device, "max_batch_per_device"))
     check_init_sources(config)
     check_workdir(workdir)
     check_input(config.input)
@@ -64,7 +61,7 @@ def check_mesh_and_batch(config, max_batch_per_device: int) -> None:
     if batch > max_batch_per_device * devices:
         raise UserError(f"input.batch_size {batch} is over {max_batch_per_device} per device on "
                         f"{devices} device(s); lower --config.input.batch_size (or raise "
-                        f"--max_batch_per_device)")
+                        f"--config.max_batch_per_device)")
     accum, processes = int(config.grad_accum_steps), jax.process_count()
     data = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % (accum * data) or batch % processes:
