@@ -10,6 +10,7 @@ setup(
     install_requires=[
         "jax>=0.8",
         "flax>=0.12",
+        "qwix>=0.1.8",  # frozen-tower quantization (blip2_jax/quant.py)
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "transformers>=5.0",

@@ -23,21 +23,31 @@ from blip2_jax.preprocess import ImageProcessor, InputError
 
 
 def load(directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8,
-         scan_layers: bool | None = None, revision: str | None = None) -> Blip2Inference:
+         scan_layers: bool | None = None, revision: str | None = None,
+         quantize: str | None = None) -> Blip2Inference:
     """A transformers-format BLIP-2 directory or Hugging Face Hub id ("Salesforce/blip2-opt-2.7b",
     from huggingface_hub's cache or downloaded; `revision`: a branch, tag or commit) ->
     Blip2Inference. `dtype` is the compute/storage dtype of the frozen towers' matrices
     ("float32" or "bfloat16"); the Q-Former, layer norms and biases stay float32 whatever the
-    files store. `scan_layers`: see `serving.default_scan_layers` (None = that default)."""
+    files store. `scan_layers`: see `serving.default_scan_layers` (None = that default).
+    `quantize`: "int8" (or "int4") stores the frozen towers' matrices quantized, with one scale
+    per output channel (`blip2_jax/quant.py`); None keeps what the checkpoint holds."""
     from blip2_jax.weights import hf, hub
 
     cache.enable()
     directory = hub.resolve(os.fspath(directory), revision=revision)
     predictor = serving.Predictor.from_dir(directory, dtype=dtype, mesh=mesh, length_bucket=length_bucket,
-                                           scan_layers=scan_layers)
+                                           scan_layers=scan_layers, quantize=quantize)
     processor = ImageProcessor.from_dir(directory, default_size=predictor.config.vision.image_size)
     architecture = (hf.read_config(directory)[1].get("architectures") or [""])[0]
     return Blip2Inference(predictor, processor, directory=directory, architecture=architecture)
+
+
+def jax_leaves(tree) -> list:
+    """Leaves of a params tree, quantized kernels (qwix.QArray) kept whole."""
+    import jax
+    from blip2_jax import quant
+    return jax.tree.leaves(tree, is_leaf=quant.is_quantized)
 
 
 def _as_list(images) -> tuple[list, bool]:
@@ -101,6 +111,19 @@ class Blip2Inference:
 
     def decode(self, token_ids: Sequence[Sequence[int]]) -> list[str]:
         return self.predictor.decode(token_ids)
+
+    def save_quantized(self, directory: str) -> None:
+        """Writes this model, loaded with `quantize=`, as a quantized checkpoint (format:
+        `weights/quantized.py`) with the source's tokenizer and processor files."""
+        from blip2_jax import quant
+        from blip2_jax.weights import hf
+        leaves = [x for x in jax_leaves(self.params) if quant.is_quantized(x)]
+        if not leaves:
+            raise ValueError("the model is not quantized: load it with quantize='int8' (or 'int4') first")
+        mode = quant.mode_of_qtype(leaves[0].qtype)
+        raw = hf.read_config(self.directory)[1] if self.directory else None
+        hf.save_quantized(directory, self.config, self.params, mode, raw_config=raw,
+                          side_files_from=self.directory or None)
 
     # --- scoring ------------------------------------------------------------------------------
     def score(self, images, prompts, texts, *, return_num_tokens: bool = False):

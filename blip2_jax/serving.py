@@ -463,17 +463,22 @@ class Predictor:
     @classmethod
     def from_dir(cls, directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: int = 8,
                  scan_layers: bool | None = None, tokenizer: Tokenizer | str | None = None,
-                 qformer_tokenizer: Tokenizer | str | None = None, revision: str | None = None) -> Predictor:
+                 qformer_tokenizer: Tokenizer | str | None = None, revision: str | None = None,
+                 quantize: str | None = None) -> Predictor:
         """A transformers-format BLIP-2 directory or Hugging Face Hub id (`weights/hub.py`;
         `revision` for ids): weights, config, tokenizer, generation config. Every file is
         validated before anything is allocated; the weights are then cast and placed on `mesh`
         one tensor at a time (`weights.hf.read_lazy`). `dtype`: the frozen towers' matrices
         (the Q-Former, norms and biases stay float32, whatever the files hold); `scan_layers`:
-        see `default_scan_layers`; tokenizers given here replace the checkpoint's."""
+        see `default_scan_layers`; tokenizers given here replace the checkpoint's. `quantize`:
+        "int8" / "int4" quantizes the frozen towers' matrices while placing them (`quant.py`);
+        None keeps what the checkpoint stores (a quantized checkpoint stays quantized)."""
+        from blip2_jax import quant
         from blip2_jax.models import build
         from blip2_jax.weights import hf, hub
         from blip2_jax.weights.safetensors_io import WeightsError
 
+        quant.check_mode(quantize)
         directory = hub.resolve(os.fspath(directory), revision=revision)
         scan = default_scan_layers() if scan_layers is None else bool(scan_layers)
         dt = build.dtype(dtype) if isinstance(dtype, str) else jnp.dtype(dtype)
@@ -486,10 +491,13 @@ class Predictor:
         gen_cfg = hf.read_generation_config(directory, cfg)
         ckpt = hf.read_lazy(directory, scan_layers=scan)  # every tensor checked, none read yet
         cfg = ckpt.config
+        mode = ckpt.quantized_mode(quantize)
+        quant.check_backend(mode)
         model = Blip2(cfg, vision_dtype=dt, text_dtype=dt, scan_layers=scan)
         with sharding.use(mesh):
-            shardings = sharding.param_shardings(build.abstract_params(model, cfg), mesh)
-        params = ckpt.place(shardings, dt)
+            boxed = build.abstract_params(model, cfg)
+            shardings = quant.quantized_shardings(sharding.param_shardings(boxed, mesh), sharding.unbox(boxed), mode)
+        params = ckpt.place(shardings, dt, mode)
         own = (own_tok, None) if cfg.text is not None else (None, own_tok)
         return cls(model, params, cfg, mesh=mesh, tokenizer=tokenizer or own[0],
                    qformer_tokenizer=qformer_tokenizer or own[1],

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blip2_jax import quant
+
 Dtype = Any
 Array = jax.Array
 
@@ -62,9 +64,13 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", logical(self.kernel_init, self.axes),
-                            (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=precision(self.dtype))
+        stored = self.get_variable("params", "kernel")
+        if quant.is_quantized(stored):  # a frozen tower's int8/int4 kernel (blip2_jax/quant.py)
+            y = quant.dense(x, stored, self.dtype, precision(self.dtype))
+        else:
+            kernel = self.param("kernel", logical(self.kernel_init, self.axes),
+                                (x.shape[-1], self.features), self.param_dtype)
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=precision(self.dtype))
         if self.use_bias:
             bias = self.param("bias", logical(nn.initializers.zeros, (self.axes[1],)),
                               (self.features,), self.param_dtype)

@@ -40,7 +40,7 @@ class Reader:
             x = np.asarray(x)
         if tuple(x.shape) != tuple(shape):
             raise TensorShapeError(key, f"checkpoint shape {tuple(x.shape)} != expected {tuple(shape)}")
-        if not is_float(x.dtype):
+        if not is_float(x.dtype) and not (x.dtype == np.int8 and getattr(self.sd, "allows_int8", False)):
             raise TensorShapeError(key, f"checkpoint dtype {x.dtype} where a floating-point tensor is expected")
         return x
 

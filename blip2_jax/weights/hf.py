@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from blip2_jax import files
+from blip2_jax import files, quant
 from blip2_jax.models.configs import Blip2Config, Limits, OPTConfig, T5Config, check_generation_config
-from blip2_jax.weights import convert_opt, convert_qformer, convert_t5, convert_vision, placement
+from blip2_jax.weights import convert_opt, convert_qformer, convert_t5, convert_vision, placement, quantized
 from blip2_jax.weights.common import TensorShapeError
 from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, open_checkpoint, save_state_dict
 
@@ -75,6 +75,16 @@ class LazyCheckpoint:
     raw_config: dict
     state_dict: LazyStateDict
     tree: dict
+    quantization: str = "none"  # the stored mode of a quantized checkpoint (`weights/quantized.py`)
+
+    def quantized_mode(self, requested: str | None) -> str:
+        """The mode the towers are placed in: the stored one, or `requested` for float files."""
+        if self.quantization == "none":
+            return quant.check_mode(requested)
+        if requested not in (None, self.quantization):
+            raise WeightsError(f"{self.directory}: the checkpoint is quantized to {self.quantization}; it cannot "
+                               f"be loaded as {requested} (quantize the float checkpoint instead)")
+        return self.quantization
 
     def dtype_of(self, dtype: Any = None):
         """The per-leaf dtype rule: as stored (None), else `placement.target_dtype`."""
@@ -86,10 +96,11 @@ class LazyCheckpoint:
         """Params as numpy (`dtype`: the frozen towers' dtype; None keeps the file's dtypes)."""
         return placement.materialize(self.tree, self.dtype_of(dtype), self.state_dict.release)
 
-    def place(self, shardings: Mapping, dtype: Any = np.float32) -> dict:
-        """Params as jax.Arrays with `shardings`, frozen towers' matrices in `dtype`."""
+    def place(self, shardings: Mapping, dtype: Any = np.float32, quantize: str = "none") -> dict:
+        """Params as jax.Arrays with `shardings`, frozen towers' matrices in `dtype`; with
+        `quantize` ("int8", "int4") their kernels quantized on the way (`placement.place`)."""
         try:
-            return placement.place(self.tree, shardings, self.dtype_of(dtype), self.state_dict.release)
+            return placement.place(self.tree, shardings, self.dtype_of(dtype), self.state_dict.release, quantize)
         except ValueError as e:
             raise WeightsError(f"{self.directory}: {e}") from None
 
@@ -104,9 +115,15 @@ def read_lazy(directory: str, *, scan_layers: bool = True, qformer_lm_head: bool
     sd = open_checkpoint(directory, limits.max_tensors)
     if isinstance(cfg.text, T5Config):  # tied or not is decided by the file, as transformers does
         cfg = dataclasses.replace(cfg, text=convert_t5.resolve_tied_head(sd, cfg.text, prefix="language_model."))
-    tree = lazy_params(sd, cfg, qformer_lm_head=qformer_lm_head, where=directory)
+    mode = quantized.stored_mode(raw, os.path.join(directory, "config.json"))
+    if mode == "none":
+        tree = lazy_params(sd, cfg, qformer_lm_head=qformer_lm_head, where=directory)
+    else:
+        tree = quantized.lazy_quantized_params(
+            sd, cfg, mode, lambda view: lazy_params(view, cfg, qformer_lm_head=qformer_lm_head, where=directory),
+            directory)
     sd.release()  # pages the tied-head comparisons read
-    return LazyCheckpoint(directory, cfg, raw, sd, placement.stack_lazily(tree) if scan_layers else tree)
+    return LazyCheckpoint(directory, cfg, raw, sd, placement.stack_lazily(tree) if scan_layers else tree, mode)
 
 
 def lazy_params(sd: Mapping[str, np.ndarray], cfg: Blip2Config, *, qformer_lm_head: bool = False,
@@ -183,12 +200,31 @@ def save(directory: str, cfg: Blip2Config, params: Mapping, *, raw_config: dict 
     """Writes config.json + safetensors (sharded past `max_shard_bytes`), plus the tokenizer /
     processor files of `side_files_from`. `raw_config` (the source's config.json) is kept and
     updated so fields we do not model survive the round trip."""
-    os.makedirs(directory, exist_ok=True)
     sd = state_dict_from_params(params, cfg)
     if dtype is not None:
         sd = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in sd.items()}
     else:
         sd = {k: np.asarray(v) for k, v in sd.items()}
+    raw_config = {k: v for k, v in (raw_config or {}).items() if k != "quantization_config"}
+    save_state_dict_dir(directory, sd, cfg, raw_config=raw_config, side_files_from=side_files_from,
+                        max_shard_bytes=max_shard_bytes)
+
+
+def save_quantized(directory: str, cfg: Blip2Config, params: Mapping, mode: str, *, raw_config: dict | None = None,
+                   side_files_from: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes a quantized checkpoint (format: `weights/quantized.py`) of params whose frozen
+    towers' kernels are `qwix.QArray`s (`blip2_jax.load(..., quantize=mode)`)."""
+    sd = quantized.state_dict(params, cfg, quant.check_mode(mode), lambda tree: state_dict_from_params(tree, cfg))
+    raw = dict(raw_config or {}, quantization_config=quantized.config_entry(mode))
+    save_state_dict_dir(directory, sd, cfg, raw_config=raw, side_files_from=side_files_from,
+                        max_shard_bytes=max_shard_bytes)
+
+
+def save_state_dict_dir(directory: str, sd: Mapping[str, np.ndarray], cfg: Blip2Config, *,
+                        raw_config: dict | None = None, side_files_from: str | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes tensors + config.json (+ side files) as `save` does."""
+    os.makedirs(directory, exist_ok=True)
     for old in os.listdir(directory):  # stale shards of a previous save would confuse loaders
         if old.endswith(".safetensors") or old == "model.safetensors.index.json":
             os.remove(os.path.join(directory, old))
@@ -222,6 +258,7 @@ class _Tracking(Mapping):
 
     def __init__(self, sd: Mapping):
         self.sd, self.read = sd, set()
+        self.allows_int8 = getattr(sd, "allows_int8", False)  # a quantized checkpoint's kernels
 
     def __getitem__(self, k):
         v = self.sd[k]

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from blip2_jax import train_state
+from blip2_jax import quant, train_state
 
 _FROZEN = [re.compile(p) for p in train_state.frozen_patterns()]
 _NORM = re.compile(train_state.NORM_PATTERN)
@@ -147,10 +147,13 @@ def materialize(tree: dict, dtype_of: DtypeFn, release: Release = lambda arrays:
     return unflatten(out)
 
 
-def place(tree: dict, shardings: dict, dtype_of: DtypeFn, release: Release = lambda arrays: None) -> dict:
+def place(tree: dict, shardings: dict, dtype_of: DtypeFn, release: Release = lambda arrays: None,
+          quantize: str = "none") -> dict:
     """A lazy tree -> jax.Arrays with `shardings` (same structure), one leaf at a time: each
     device's shard is copied out of the views into its own host buffer (only that slice) and
-    put on the device; then the leaf's file pages are released."""
+    put on the device; then the leaf's file pages are released. `quantize` ("int8", "int4"):
+    the kernels `quant.rules` selects become `qwix.QArray`s (their shardings: `quant.shard_like`),
+    quantized on the host one block at a time; stored `Quantized` leaves are placed as they are."""
     flat_sh = flatten(shardings)
     flat = flatten(tree)
     if set(flat) != set(flat_sh):
@@ -159,9 +162,74 @@ def place(tree: dict, shardings: dict, dtype_of: DtypeFn, release: Release = lam
                          f"missing {['/'.join(p) for p in lacking[:3]]}")
     out = {}
     for path, leaf in flat.items():
+        qtype = quant.qtype_of(path, quantize)
+        if qtype is not None:
+            out[path] = place_quantized(leaf, flat_sh[path], qtype, release)
+            continue
         shard = functools.partial(_host_shard, leaf, dtype_of(path, leaf), release)
         out[path] = jax.make_array_from_callback(tuple(leaf.shape), flat_sh[path], shard)
     return unflatten(out)
+
+
+# ------------------------------------------------------------------------------ quantized kernels
+class Quantized(NamedTuple):
+    """A stored quantized kernel not read yet: `qvalue` [out, in] and `scale` [out, 1] views
+    (`LayerStack`s when scanned), as `weights/hf.py` finds them in a quantized checkpoint."""
+    qvalue: Any
+    scale: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.qvalue.shape)
+
+
+def place_quantized(leaf, sh, qtype, release: Release):
+    """A kernel -> `qwix.QArray` placed with `sh` (a QArray of shardings, `quant.shard_like`).
+    A float view [in, out] (or LayerStack) is quantized here on the host, a block of output
+    channels at a time (`quant.host_quantize`: Qwix's numerics); a `Quantized` leaf is copied."""
+    import qwix
+    stored = isinstance(leaf, Quantized)
+    layers = leaf.qvalue.layers if stored and isinstance(leaf.qvalue, LayerStack) else (
+        leaf.layers if isinstance(leaf, LayerStack) else None)
+    kernels = layers if layers is not None else (leaf.qvalue if stored else leaf,)
+    if stored:
+        scales = leaf.scale.layers if isinstance(leaf.scale, LayerStack) else (leaf.scale,)
+        scales = [np.asarray(x, np.float32) for x in scales]
+    else:
+        scales = [quant.host_scale(k, qtype) for k in kernels]
+    lead = () if layers is None else (len(kernels),)
+    d_out = scales[0].shape[0]
+    d_in = kernels[0].shape[-1] if stored else kernels[0].shape[0]
+    host_dtype = quant.HOST_QTYPES[quant.mode_of_qtype(qtype)]
+
+    def one(k, scale, rows, cols, out):
+        if stored:
+            copy_into(out, np.asarray(k[rows, cols]))
+        else:
+            full = np.empty((rows.stop - rows.start, d_in), host_dtype)
+            quant.host_quantize(k[:, rows], scale[rows], qtype, full)
+            out[...] = full[:, cols]
+        release([k])
+
+    def qvalue_shard(index):
+        layer_rows = range(len(kernels))[index[0]] if lead else [0]
+        rows, cols = (_full(i, n) for i, n in zip(index[len(lead):], (d_out, d_in)))
+        out = aligned_empty(tuple(len(layer_rows) for _ in lead) + (rows.stop - rows.start, cols.stop - cols.start),
+                            host_dtype)
+        for j, i in enumerate(layer_rows):
+            one(kernels[i], scales[i], rows, cols, out[j] if lead else out)
+        return out
+
+    scale_all = np.stack(scales) if lead else scales[0]
+    qvalue = jax.make_array_from_callback(lead + (d_out, d_in), sh.qvalue, qvalue_shard)
+    scale = jax.make_array_from_callback(scale_all.shape, sh.scale, lambda index: np.ascontiguousarray(scale_all[index]))
+    return qwix.QArray(qvalue, scale, None, qtype)
+
+
+def _full(index: slice, n: int) -> slice:
+    """A shard's slice with its bounds filled in."""
+    start, stop, _ = index.indices(n)
+    return slice(start, stop)
 
 
 def _host_shard(leaf, dtype, release: Release, index: tuple) -> np.ndarray:

@@ -1,0 +1,265 @@
+"""Quantized frozen towers: weight-only post-training quantization through Qwix.
+
+The frozen image encoder and LLM (paper §3.1) never train, so their matrices can be stored in
+int8 (or int4) with one scale per output channel; activations stay in the compute dtype.
+
+What is quantized (`RULES`: Qwix rules matched against module paths of the parameter tree):
+every Dense kernel of `vision_model` and `language_model` (attention projections, FFN, OPT's
+project_in/out). Never the Q-Former, the projection, norms, biases, embeddings (patch, position,
+token, T5's relative buckets) or the LLM's output head.
+
+A quantized kernel is a `qwix.QArray` in the kernel's place: `qvalue` [out, in] int8 (the weight
+transposed, as torch's Linear stores it: each output channel contiguous over the input, which
+the CPU decoding dot streams), `scale` [out, 1] float32 = max |w| over the input / 127.5 (Qwix's
+symmetric absmax calibration; int4: / 7.5). Scanned layers add a leading layer axis to both.
+w[i, o] ~= qvalue[o, i] * scale[o, 0].
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import qwix
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from blip2_jax import train_state
+
+MODES = ("none", "int8", "int4")
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+HOST_QTYPES = {"int8": np.dtype(np.int8), "int4": np.dtype(ml_dtypes.int4)}
+_NOT_QUANTIZED = ("patch_embedding", "lm_head")  # embeddings and the output head keep their dtype
+
+
+def rules(mode: str) -> list[qwix.QuantizationRule]:
+    """The Qwix rules of `mode`: weight-only, absmax, per output channel, frozen towers only."""
+    qtype = QTYPES[check_mode(mode)]
+    towers = "|".join(map(re.escape, train_state.FROZEN_TOWERS))
+    skip = "|".join(_NOT_QUANTIZED + tuple(t.split("/", 1)[1] for t in train_state.TRAINED_IN_TOWERS))
+    return [qwix.QuantizationRule(module_path=rf"({towers})/(?!(.*/)?({skip})(/|$)).*", weight_qtype=qtype,
+                                  weight_calibration_method="absmax")]
+
+
+def check_mode(mode: str | None) -> str:
+    """'int8' / 'int4' (None and 'none' -> 'none'); anything else is a one-line ValueError."""
+    mode = "none" if mode is None else str(mode)
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r} (one of {', '.join(MODES)})")
+    return mode
+
+
+def check_towers(towers) -> None:
+    """Only the frozen towers are quantized; naming anything else is a one-line ValueError."""
+    for t in towers:
+        if t not in train_state.FROZEN_TOWERS:
+            raise ValueError(f"cannot quantize {t!r}: only the frozen towers "
+                             f"({', '.join(train_state.FROZEN_TOWERS)}) are quantized; the Q-Former and "
+                             "the projection train and stay in float32")
+
+
+def check_backend(mode: str, backend: str | None = None) -> None:
+    """int4 needs a backend whose compiler handles 4-bit integers: compile a tiny int4 dot."""
+    if check_mode(mode) != "int4":
+        return
+    backend = backend or jax.default_backend()
+    try:
+        sh = jax.sharding.SingleDeviceSharding(jax.devices(backend)[0])
+        x = jax.ShapeDtypeStruct((2, 8), jnp.float32, sharding=sh)
+        w = jax.ShapeDtypeStruct((8, 8), jnp.int4, sharding=sh)
+        jax.jit(lambda a, b: a @ b.astype(jnp.float32)).lower(x, w).compile()
+    except Exception as e:  # noqa: BLE001  (any compiler refusal means the same to the user)
+        raise ValueError(f"int4 quantization is not supported on the {backend} backend "
+                         f"({' '.join(str(e).split())[:120]}); use int8") from None
+
+
+def qtype_of(path: tuple[str, ...], mode: str):
+    """The qtype a parameter is stored in under `mode`, or None when it keeps its dtype."""
+    if check_mode(mode) == "none" or path[-1] != "kernel":
+        return None
+    module = "/".join(path[:-1])
+    rule = next((r for r in rules(mode) if re.fullmatch(r.module_path, module)), None)
+    return None if rule is None else rule.weight_qtype
+
+
+def mode_of_qtype(qtype) -> str:
+    return {np.dtype(v).name: k for k, v in QTYPES.items()}[np.dtype(qtype).name]
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, qwix.QArray)
+
+
+# ------------------------------------------------------------------------------ on devices
+def quantize_kernel(kernel: jax.Array, qtype) -> qwix.QArray:
+    """A Dense kernel [..., in, out] -> QArray (qvalue [..., out, in], scale [..., out, 1] float32)."""
+    w = jnp.swapaxes(kernel, -1, -2).astype(jnp.float32)
+    return qwix.quantize(w, qtype, channelwise_axes=tuple(range(w.ndim - 1)))
+
+
+def quantize_params(params: Mapping, mode: str, shardings: Mapping | None = None) -> dict:
+    """Every kernel `rules(mode)` selects replaced by its QArray (quantized on its devices, one
+    leaf at a time). `shardings`: the float tree's NamedShardings (default: each leaf's own);
+    the quantized leaves get the matching ones (`shard_like`)."""
+    flat = _flatten(params)
+    flat_sh = _flatten(shardings) if shardings is not None else {}
+    out = {}
+    for path, leaf in flat.items():
+        qtype = qtype_of(path, mode)
+        if qtype is None or is_quantized(leaf):
+            out[path] = leaf
+            continue
+        sh = flat_sh.get(path, getattr(leaf, "sharding", None))
+        out_sh = shard_like(sh, leaf.ndim, qtype) if isinstance(sh, NamedSharding) else None
+        out[path] = jax.jit(quantize_kernel, static_argnums=1, out_shardings=out_sh)(leaf, qtype)
+    return _unflatten(out)
+
+
+def shard_like(kernel_sharding: NamedSharding, ndim: int, qtype) -> qwix.QArray:
+    """The kernel's NamedSharding ([..., in, out]) -> a QArray of shardings for its qvalue
+    ([..., out, in]) and scale ([..., out, 1])."""
+    spec = tuple(kernel_sharding.spec) + (None,) * (ndim - len(kernel_sharding.spec))
+    lead, a_in, a_out = spec[:-2], spec[-2], spec[-1]
+    mesh = kernel_sharding.mesh
+    return qwix.QArray(NamedSharding(mesh, P(*lead, a_out, a_in)), NamedSharding(mesh, P(*lead, a_out, None)),
+                       None, qtype)
+
+
+def quantized_shardings(shardings: Mapping, abstract: Mapping, mode: str) -> dict:
+    """A float tree's shardings -> the quantized tree's (QArrays of shardings where quantized)."""
+    flat_a = _flatten(abstract)
+    return _unflatten({p: (shard_like(s, len(flat_a[p].shape), q) if (q := qtype_of(p, mode)) is not None else s)
+                       for p, s in _flatten(shardings).items()})
+
+
+def abstract(tree: Mapping, mode: str) -> dict:
+    """ShapeDtypeStructs of a float tree -> those of its quantized form (shardings kept)."""
+    def one(path, x):
+        qtype = qtype_of(path, mode)
+        if qtype is None:
+            return x
+        shape = tuple(x.shape[:-2]) + (x.shape[-1], x.shape[-2])
+        sh = getattr(x, "sharding", None)
+        qs = shard_like(sh, len(shape), qtype) if isinstance(sh, NamedSharding) else None
+        return qwix.QArray(jax.ShapeDtypeStruct(shape, qtype, sharding=qs and qs.qvalue),
+                           jax.ShapeDtypeStruct(shape[:-1] + (1,), jnp.float32, sharding=qs and qs.scale), None, qtype)
+    return _unflatten({p: one(p, x) for p, x in _flatten(tree).items()})
+
+
+# ------------------------------------------------------------------------------ on the host
+def host_scale(kernel: np.ndarray, qtype) -> np.ndarray:
+    """Per-output-channel scales of a kernel view [in, out] -> float32 [out, 1], exactly as
+    `qwix.quantize` computes them from the float32 values (read in blocks of columns)."""
+    absmax = np.empty((kernel.shape[-1], 1), np.float32)
+    for j in range(0, kernel.shape[-1], _BLOCK):
+        absmax[j:j + _BLOCK, 0] = np.abs(np.asarray(kernel[:, j:j + _BLOCK], np.float32)).max(axis=0)
+    scale, _ = _qwix_scale({"absmax": jax.device_put(absmax, jax.devices("cpu")[0])}, qtype)  # Qwix's own
+    return np.asarray(scale)
+
+
+def host_quantize(kernel: np.ndarray, scale: np.ndarray, qtype, out: np.ndarray) -> None:
+    """out [out, in] = Qwix's quantization of kernel.T with `scale` [out, 1], from a kernel view
+    [in, out], a block of output channels at a time (on the host's CPU device, so a block's
+    float32 copy is the only temporary)."""
+    cpu = jax.devices("cpu")[0]
+    for j in range(0, kernel.shape[-1], _BLOCK):
+        block = np.ascontiguousarray(np.asarray(kernel[:, j:j + _BLOCK], np.float32).T)
+        q = _qwix_quantize(jax.device_put(block, cpu), jax.device_put(scale[j:j + _BLOCK], cpu), qtype)
+        out[j:j + _BLOCK] = np.asarray(q)
+
+
+_BLOCK = 256
+_qwix_quantize = jax.jit(lambda w, scale, qtype: qwix._src.core.qarray.quantize_with_scale_zero_point(  # noqa: SLF001
+    w, qtype, scale, None).qvalue, static_argnums=2)
+_qwix_scale = jax.jit(qwix._src.core.qarray.compute_scale_zero_point, static_argnums=1)  # noqa: SLF001
+
+
+# ------------------------------------------------------------------------------ the matmul
+_STREAM = contextvars.ContextVar("blip2_jax_quant_stream", default=None)
+STREAM_ROWS = 4        # at most this many rows (decoding) take the streaming dot on CPU
+STREAM_CHUNK = 64      # output channels dequantized per loop step (fits in L2 with the input)
+
+
+@contextlib.contextmanager
+def streaming(enabled: bool | None):
+    """Whether few-row dots stream the weights chunk by chunk (default: on the CPU backend).
+    Planning for a TPU on a CPU host turns it off."""
+    token = _STREAM.set(enabled)
+    try:
+        yield
+    finally:
+        _STREAM.reset(token)
+
+
+def _streams(rows: int, out: int) -> bool:
+    on = _STREAM.get()
+    on = jax.default_backend() == "cpu" if on is None else on
+    return on and rows <= STREAM_ROWS and math.gcd(out, STREAM_CHUNK) >= 8
+
+
+def dense(x: jax.Array, kernel: qwix.QArray, dtype, precision=None) -> jax.Array:
+    """x [..., in] @ w with w the dequantized kernel -> [..., out] in `dtype`.
+
+    Many rows (prefill, training, the image side): Qwix's dot (dequantize then dot; XLA fuses the
+    dequantization into the matmul on TPU/GPU). A few rows on CPU (decoding): `streaming_dot`."""
+    rows = int(np.prod(x.shape[:-1]))
+    if _streams(rows, kernel.qvalue.shape[-2]):
+        return streaming_dot(x, kernel).astype(dtype)
+    dims = (((x.ndim - 1,), (kernel.qvalue.ndim - 1,)), ((), ()))
+    return qwix.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision).astype(dtype)
+
+
+def streaming_dot(x: jax.Array, kernel: qwix.QArray) -> jax.Array:
+    """The decoding dot on CPU: a loop over chunks of output channels, each chunk of int8 rows
+    [chunk, in] converted to float32 while it is in cache and multiplied as a matrix-vector
+    product, so the weights are read once from memory at one byte per weight; the scale is
+    applied to the [rows, out] result. (XLA's CPU dot converts the whole operand first, and
+    its bfloat16 dot with one row is slow.) -> float32 [..., out]."""
+    q, scale = kernel.qvalue, kernel.scale
+    out, d_in = q.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in).astype(jnp.float32)
+    chunk = math.gcd(out, STREAM_CHUNK)
+    chunks = q.reshape(out // chunk, chunk, d_in)
+
+    def step(_, rows):
+        return None, jnp.dot(x2, rows.astype(jnp.float32).T)
+
+    _, y = jax.lax.scan(step, None, chunks)  # [out / chunk, rows, chunk]
+    y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], out) * scale[:, 0]
+    return y.reshape(lead + (out,))
+
+
+# ------------------------------------------------------------------------------ trees
+def _flatten(tree, prefix=()) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a params tree, quantized leaves counted at their storage size (int4: half a byte)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        bits = 4 if np.dtype(leaf.dtype).name == "int4" else 8 * np.dtype(leaf.dtype).itemsize
+        total += int(np.prod(leaf.shape, dtype=np.int64)) * bits // 8
+    return total

@@ -1,0 +1,191 @@
+"""Quantized frozen towers (blip2_jax/quant.py): Qwix's numerics, what is quantized, the decoding
+dot, lean loading with quantization, and quantized checkpoints (weights/quantized.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import qwix
+
+import blip2_jax
+from blip2_jax import quant, serving, sharding
+from blip2_jax.weights import hf, placement
+from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, save_state_dict
+from tests.conftest import GOLDEN
+
+CASES = ("blip2_opt", "blip2_t5")
+
+
+def quantized_paths(params) -> set[str]:
+    flat = placement.flatten(jax.tree.map(lambda x: x, params, is_leaf=quant.is_quantized))
+    return {"/".join(p) for p, x in flat.items() if quant.is_quantized(x)}
+
+
+# ------------------------------------------------------------------------------ numerics
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("stored", [np.float32, ml_dtypes.bfloat16])
+def test_host_quantization_equals_qwix(mode, stored):
+    """The lean loader's numpy quantization gives Qwix's qvalues and scales bit for bit."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((300, 520)) * rng.uniform(0.01, 3, 520)).astype(stored)
+    w[:, 7] = 0  # an all-zero channel (Qwix's scale 1)
+    qtype = quant.QTYPES[mode]
+    want = quant.quantize_kernel(jnp.asarray(w), qtype)
+    scale = quant.host_scale(w, qtype)
+    got = np.empty((520, 300), quant.HOST_QTYPES[mode])
+    quant.host_quantize(w, scale, qtype, got)
+    np.testing.assert_array_equal(scale, np.asarray(want.scale))
+    np.testing.assert_array_equal(got.astype(np.int8), np.asarray(want.qvalue).astype(np.int8))
+    assert want.qvalue.shape == (520, 300) and want.scale.shape == (520, 1)
+    err = np.abs(np.asarray(qwix.dequantize(want)).T - w.astype(np.float32)).max(axis=0)
+    step = np.asarray(want.scale)[:, 0]
+    assert np.all(err <= step * 0.501)  # round to nearest (the top value clipped by half a step)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("shape", [(96, 128), (40, 24)])
+def test_streaming_dot_equals_qwix_dot(rows, shape):
+    """The CPU decoding dot (int8 rows converted chunk by chunk) = Qwix's dequantize-then-dot."""
+    rng = np.random.default_rng(1)
+    kernel = quant.quantize_kernel(jnp.asarray(rng.standard_normal(shape), jnp.float32), jnp.int8)
+    x = jnp.asarray(rng.standard_normal((2, rows, shape[0])), jnp.float32)
+    want = qwix.dot_general(x, kernel, (((2,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+    got = jax.jit(quant.streaming_dot)(x, kernel)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with quant.streaming(True):
+        hlo = jax.jit(lambda a: quant.dense(a[0], kernel, jnp.float32)).lower(x).as_text()
+    assert "while" in hlo  # the few-row dot streams (a loop over chunks of output channels)
+    with quant.streaming(False):
+        assert "while" not in jax.jit(lambda a: quant.dense(a[0], kernel, jnp.float32)).lower(x).as_text()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_only_the_frozen_towers_matrices_are_quantized(case):
+    pred = serving.Predictor.from_dir(GOLDEN / case, quantize="int8", scan_layers=False)
+    paths = quantized_paths(pred.params)
+    flat = placement.flatten(jax.tree.map(lambda x: x, pred.params, is_leaf=quant.is_quantized))
+    kernels = {"/".join(p) for p, x in flat.items() if p[-1] == "kernel"}
+    assert paths and all(p.startswith(("vision_model/", "language_model/")) for p in paths)
+    for p in kernels - paths:  # what keeps its dtype: patch conv, Q-Former, projection, output head
+        assert p.startswith(("qformer/", "language_projection/")) or "patch_embedding" in p or "lm_head" in p, p
+    assert all(k in paths for k in kernels if "/layers_" in k and not k.startswith("qformer/"))
+    x = flat[tuple(sorted(paths)[0].split("/"))]
+    assert x.qvalue.dtype == jnp.int8 and x.scale.dtype == jnp.float32
+
+
+def test_bad_modes_and_towers_are_one_line():
+    for bad, call in (("int3", lambda: quant.check_mode("int3")),
+                      ("qformer", lambda: quant.check_towers(["qformer"])),
+                      ("int4 quantization is not supported on the nowhere backend",
+                       lambda: quant.check_backend("int4", backend="nowhere"))):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert bad in str(e.value) and "\n" not in str(e.value)
+    quant.check_backend("int4")  # the CPU compiler handles int4
+    with pytest.raises(ValueError, match="unknown quantization mode"):
+        blip2_jax.load(GOLDEN / "blip2_opt", quantize="fp6")
+
+
+# ------------------------------------------------------------------------------ lean loading
+@pytest.mark.parametrize("scan", [False, True])
+def test_quantized_placement_on_a_mesh_equals_device_quantization(scan):
+    """Quantized on the host while placed (sharded over 8 devices) = Qwix on the float params."""
+    mesh = sharding.make_mesh((1, 4, 2))
+    pred = serving.Predictor.from_dir(GOLDEN / "blip2_opt", dtype="bfloat16", mesh=mesh, scan_layers=scan,
+                                      quantize="int8")
+    ref = serving.Predictor.from_dir(GOLDEN / "blip2_opt", dtype="float32", scan_layers=scan)
+    want = quant.quantize_params(ref.params, "int8")
+    flat_w = placement.flatten(jax.tree.map(lambda x: x, want, is_leaf=quant.is_quantized))
+    for path, x in placement.flatten(jax.tree.map(lambda x: x, pred.params, is_leaf=quant.is_quantized)).items():
+        if quant.is_quantized(x):
+            np.testing.assert_array_equal(np.asarray(x.qvalue), np.asarray(flat_w[path].qvalue), err_msg=str(path))
+            np.testing.assert_array_equal(np.asarray(x.scale), np.asarray(flat_w[path].scale), err_msg=str(path))
+            assert x.qvalue.sharding.mesh.shape == mesh.shape
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(pred.params) if x.dtype == jnp.int8)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for case in CASES:
+        d = tmp_path_factory.mktemp(case) / "int8"
+        blip2_jax.load(GOLDEN / case, quantize="int8").save_quantized(str(d))
+        out[case] = d
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("scan", [False, True])
+def test_quantized_checkpoint_round_trip(saved, case, scan):
+    d = saved[case]
+    entry = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert entry["qtype"] == "int8" and entry["quant_method"] == "blip2_jax"
+    sd = LazyStateDict([str(d / "model.safetensors")])
+    int8 = [n for n in sd if sd.dtype(n) == np.int8]
+    assert int8 and all(n + "_scale" in sd for n in int8)
+    assert not any(n.startswith(("qformer.", "language_projection.")) for n in int8)
+    loaded = blip2_jax.load(d, scan_layers=scan)
+    direct = blip2_jax.load(GOLDEN / case, quantize="int8", scan_layers=scan)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(direct.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(WeightsError, match="quantized to int8; it cannot be loaded as int4"):
+        blip2_jax.load(d, quantize="int4")
+
+
+def rewrite(src, dst, change):
+    shutil.copytree(src, dst)
+    sd = {k: np.array(v) for k, v in LazyStateDict([str(dst / "model.safetensors")]).items()}
+    (dst / "model.safetensors").unlink()
+    change(sd)
+    save_state_dict(sd, str(dst))
+    return dst
+
+
+def test_bad_quantized_checkpoints_name_the_tensor(saved, tmp_path):
+    d = saved["blip2_opt"]
+    name = "language_model.model.decoder.layers.0.fc1.weight"
+    qf = "qformer.encoder.layer.0.attention.attention.query.weight"
+    cases = {
+        "missing_scale": (lambda sd: sd.pop(name + "_scale"), f"tensor {name} is int8 but its scale {name}_scale is missing"),
+        "short_scale": (lambda sd: sd.__setitem__(name + "_scale", sd[name + "_scale"][:-1]), f"tensor {name}_scale"),
+        "f16_scale": (lambda sd: sd.__setitem__(name + "_scale", sd[name + "_scale"].astype(np.float16)),
+                      f"tensor {name}_scale: float16"),
+        "orphan_scale": (lambda sd: sd.__setitem__(qf + "_scale", np.ones(32, np.float32)),
+                         f"tensor {qf}_scale: a scale without its int8 tensor"),
+        "int8_qformer": (lambda sd: (sd.__setitem__(qf, np.zeros(sd[qf].shape, np.int8)),
+                                     sd.__setitem__(qf + "_scale", np.ones(sd[qf].shape[0], np.float32))),
+                         f"tensor {qf} (qformer/"),
+        "float_kernel": (lambda sd: (sd.__setitem__(name, sd[name].astype(np.float32)), sd.pop(name + "_scale")),
+                         f"tensor {name} (language_model/layers_0/fc1/kernel) is not quantized"),
+    }
+    for label, (change, message) in cases.items():
+        bad = rewrite(d, tmp_path / label, change)
+        with pytest.raises(WeightsError) as e:
+            blip2_jax.load(bad)
+        assert message in str(e.value) and "\n" not in str(e.value), (label, str(e.value))
+    conf = json.loads((d / "config.json").read_text())
+    conf["quantization_config"]["quant_method"] = "bitsandbytes"
+    bad = tmp_path / "method"
+    shutil.copytree(d, bad)
+    (bad / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(WeightsError, match="quant_method 'bitsandbytes' is not supported"):
+        blip2_jax.load(bad)
+
+
+def test_int4_checkpoint_stores_one_value_per_byte(tmp_path):
+    model = blip2_jax.load(GOLDEN / "blip2_t5", quantize="int4")
+    model.save_quantized(str(tmp_path / "int4"))
+    sd = LazyStateDict([str(tmp_path / "int4" / "model.safetensors")])
+    q = [np.asarray(sd[n]) for n in sd if sd.dtype(n) == np.int8]
+    assert q and all(x.min() >= -8 and x.max() <= 7 for x in q)
+    again = blip2_jax.load(tmp_path / "int4")
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(model.params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
