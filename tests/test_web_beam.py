@@ -146,6 +146,21 @@ def test_img2dataset_parquet_layouts(tmp_path):
     assert got[3]["image"] == jpeg(10) and got[0]["image"] == jpeg(0)
 
 
+def test_a_remote_manual_dir_is_read_through_epath(tmp_path, monkeypatch):
+    """gs:// and other object stores: files copied to the worker's disk, key images read by epath."""
+    manual = tmp_path / "manual"
+    (manual / "00000").mkdir(parents=True)
+    for k in range(3):
+        (manual / "00000" / f"{k:09d}.jpg").write_bytes(jpeg(30 + k))
+    pq.write_table(pa.table({"key": [f"{k:09d}" for k in range(3)] + ["../x"], "caption": ["a", "b", "c", "d"]}),
+                   manual / "00000.parquet")
+    local = build_beam(manual, tmp_path / "local", min_image_size=16)
+    monkeypatch.setattr(web_beam, "is_remote", lambda root: True)
+    remote = build_beam(manual, tmp_path / "remote", min_image_size=16)
+    assert records(tmp_path / "remote") == records(tmp_path / "local") and len(records(tmp_path / "local")) == 3
+    assert remote.info.metadata["skipped"] == local.info.metadata["skipped"] == {"outside_root": 1}
+
+
 def test_no_usable_pair_is_one_error(tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         from blip2_jax.data.builders.web_beam import ImageTextPairsBeam
         from apache_beam.options.pipeline_options import PipelineOptions  # after web_beam: quiet import
 
-        if not os.path.isdir(args.manual_dir):
+        if "://" not in args.manual_dir and not os.path.isdir(args.manual_dir):
             raise DatasetError(f"--manual_dir {args.manual_dir} is not a directory")
         builder = ImageTextPairsBeam(data_dir=args.data_dir, file_format="array_record",
                                      min_image_size=args.min_image_size, dedup=not args.no_dedup,

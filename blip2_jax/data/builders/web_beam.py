@@ -29,10 +29,13 @@ TFDS's Beam writer writes the ArrayRecord shards (records ordered by a hash of i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,6 +44,7 @@ logging.getLogger().addFilter(lambda record: "apitools not found" not in record.
 import apache_beam as beam  # noqa: E402
 import tensorflow_datasets as tfds
 from apache_beam.metrics import Metrics
+from etils import epath
 from apache_beam.metrics.metric import MetricsFilter
 
 from blip2_jax import files
@@ -82,6 +86,13 @@ class ImageTextPairsBeam(_ManualFiles, _ClassFileCodePath, tfds.core.GeneratorBa
     def _metadata(self):
         return tfds.core.MetadataDict()
 
+    def manual_root(self, dl_manager) -> str:
+        """manual_dir as given: a local folder or a remote one (gs://...) read through epath."""
+        try:
+            return str(dl_manager.manual_dir)
+        except AssertionError:  # tfds: the folder is missing or empty
+            return str(getattr(dl_manager, "_manual_dir", None) or "<manual_dir>")
+
     def _download_and_prepare(self, dl_manager, download_config=None):
         root = self.manual_root(dl_manager)
         try:
@@ -101,7 +112,7 @@ class ImageTextPairsBeam(_ManualFiles, _ClassFileCodePath, tfds.core.GeneratorBa
         root = self.manual_root(dl_manager)
         inputs = list_inputs(root)
         return {"train": pipeline | "ImageTextPairs" >> beam.ptransform_fn(read_pairs)(
-            str(root), inputs, limits=(self.MAX_FILE_BYTES, self.MAX_TEXT_BYTES), **self.settings)}
+            root, inputs, limits=(self.MAX_FILE_BYTES, self.MAX_TEXT_BYTES), **self.settings)}
 
     def _generate_examples(self, **kwargs):  # the split is made in _split_generators
         raise NotImplementedError
@@ -114,13 +125,31 @@ class ImageTextPairsBeam(_ManualFiles, _ClassFileCodePath, tfds.core.GeneratorBa
             self._counts[c.key.metric.name] = self._counts.get(c.key.metric.name, 0) + int(value or 0)
 
 
-def list_inputs(root: Path) -> list[tuple[int, str, str]]:
+def list_inputs(root: str) -> list[tuple[int, str, str]]:
     """The input files in order: (ordinal, kind "tar" | "parquet", name in root)."""
     for kind in ("tar", "parquet"):
-        names = sorted(p.name for p in Path(root).glob(f"*.{kind}"))
+        names = sorted(p.name for p in epath.Path(root).glob(f"*.{kind}"))
         if names:
             return [(i, kind, n) for i, n in enumerate(names)]
     raise DatasetError(f"image_text_pairs: no *.tar or *.parquet files in {root}. Expected layout:\n{__doc__}")
+
+
+def is_remote(root: str) -> bool:
+    """A manual_dir on an object store (gs://, s3://): read through epath, no local file checks."""
+    return "://" in str(root)
+
+
+@contextlib.contextmanager
+def local_copy(root: str, name: str):
+    """A local folder holding input file `name`: `root` itself, or for a remote root a temporary
+    copy (streamed; a worker reads a tar or Parquet file from local disk, front to back)."""
+    if not is_remote(root):
+        yield Path(root)
+        return
+    with tempfile.TemporaryDirectory(prefix="image_text_pairs_") as tmp:
+        with (epath.Path(root) / name).open("rb") as src, open(os.path.join(tmp, name), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        yield Path(tmp)
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -211,14 +240,16 @@ class _ReadFile(beam.DoFn):
 
     def process(self, item):
         ordinal, kind, name = item
-        read = tar_samples if kind == "tar" else parquet_samples
         n = 0
-        for index, where, example in read(Path(self.root), name, self.limits):
-            n = n if index is None else max(n, index + 1)
-            if isinstance(example, Skip):
-                _skip(example, where)
-            else:
-                yield ordinal, index, example
+        with local_copy(self.root, name) as folder:
+            samples = (tar_samples(folder, name, self.limits) if kind == "tar" else
+                       parquet_samples(folder, name, self.limits, image_root=self.root))
+            for index, where, example in samples:
+                n = n if index is None else max(n, index + 1)
+                if isinstance(example, Skip):
+                    _skip(example, where)
+                else:
+                    yield ordinal, index, example
         yield beam.pvalue.TaggedOutput("counts", (ordinal, n))
 
 
@@ -266,8 +297,9 @@ def tar_samples(root: Path, name: str, limits):
                 yield index, where, dict(example, file_name=f"{name}/{key}")
 
 
-def parquet_samples(root: Path, name: str, limits):
-    """(index, where, example or Skip) per row of an img2dataset Parquet file."""
+def parquet_samples(root: Path, name: str, limits, image_root: str | None = None):
+    """(index, where, example or Skip) per row of an img2dataset Parquet file in `root`; images
+    named by key are read from `image_root` (default root)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -307,12 +339,12 @@ def parquet_samples(root: Path, name: str, limits):
                                                                "its rows and any after it are lost")
                 return
             for row in table.to_pylist():
-                yield index, f"{name}:{index}", _parquet_example(root, name, row, image_col, index,
-                                                                 max_file, max_text)
+                yield index, f"{name}:{index}", _parquet_example(image_root or str(root), name, row, image_col,
+                                                                 index, max_file, max_text)
                 index += 1
 
 
-def _parquet_example(root: Path, name: str, row: dict, image_col: str | None, index: int,
+def _parquet_example(root: str, name: str, row: dict, image_col: str | None, index: int,
                      max_file: int, max_text: int):
     """An example (or the Skip) of one Parquet row."""
     caption, key = row.get("caption"), row.get("key")
@@ -338,12 +370,26 @@ def _parquet_example(root: Path, name: str, row: dict, image_col: str | None, in
     return {"image": image, "captions": captions, "file_name": f"{name}/{label}"}
 
 
-def _image_file(root: Path, shard: str, key: str, max_bytes: int) -> bytes:
+def _image_file(root: str, shard: str, key: str, max_bytes: int) -> bytes:
     """The image `<shard>/<key>.<ext>` of img2dataset's "files" layout (inside root)."""
-    for ext in web.IMAGE_EXTS:
-        path = resolve_inside(root, f"{shard}/{key}{ext}")
-        if os.path.lexists(path):
-            return read_regular_file(path, max_bytes)
+    if is_remote(root):
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise Skip("outside_root", f"key {key!r} leads outside manual_dir")
+        for ext in web.IMAGE_EXTS:
+            path = epath.Path(root) / shard / f"{key}{ext}"
+            if path.exists():
+                with path.open("rb") as f:
+                    data = f.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise Skip("too_large", f"{shard}/{key}{ext}: over {max_bytes} bytes")
+                if not data:
+                    raise Skip("empty_image", f"{shard}/{key}{ext} is empty")
+                return data
+    else:
+        for ext in web.IMAGE_EXTS:
+            path = resolve_inside(Path(root), f"{shard}/{key}{ext}")
+            if os.path.lexists(path):
+                return read_regular_file(path, max_bytes)
     raise Skip("missing_image", f"no image file {shard}/{key}.*")
 
 
