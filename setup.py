@@ -32,6 +32,6 @@ setup(
         "eval": ["pycocoevalcap", "lemminflect"],
         "tpu": ["jax[tpu]", "gcsfs"],
         "demo": ["gradio>=6", "playwright", "pyarrow"],  # web demo, its browser test, Parquet output
-        "beam": ["apache-beam>=2.70", "pyarrow"],  # Beam-built web pairs and CapFilt (data/beam/)
+        "beam": ["apache-beam>=2.70", "pyarrow"],  # Beam builds of web pairs, CapFilt on Beam
     },
 )
