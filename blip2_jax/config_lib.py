@@ -40,6 +40,7 @@ def base(task: str, preset: str | None) -> ml_collections.ConfigDict:
     c.model.vision_dtype = "bfloat16"  # compute dtype of the frozen towers
     c.model.text_dtype = "bfloat16"
     c.model.frozen_param_dtype = "bfloat16"
+    c.model.quantize_frozen = "none"   # none | int8 | int4: frozen towers' kernels (blip2_jax/quant.py)
     c.model.scan_layers = True
     c.model.remat_policy = "none"      # none | full | dots | dots_with_no_batch_dims
     c.model.qformer_lm_head = False    # the ITG head (stage 1)

@@ -322,7 +322,7 @@ def abstract_train_state(config, mesh=None):
     nothing is allocated. With `mesh`, each carries the sharding the trainer gives it."""
     import jax
 
-    from blip2_jax import optim, sharding, tasks, train_state
+    from blip2_jax import optim, quant, sharding, tasks, train_state
     from blip2_jax.models import build
 
     def with_shardings(tree, shardings):
@@ -337,7 +337,9 @@ def abstract_train_state(config, mesh=None):
     trainable, frozen = train_state.split_params(params, list(config.frozen_patterns))
     cast = jax.eval_shape(lambda p: train_state.split_and_cast(p, config)[1], params)
     if mesh is not None:
-        cast = with_shardings(cast, jax.tree.map(lambda x: x.sharding, frozen))
+        frozen_sh = quant.quantized_shardings(jax.tree.map(lambda x: x.sharding, frozen), frozen,
+                                              config.model.get("quantize_frozen", "none"))
+        cast = with_shardings(cast, frozen_sh)
     tx, schedule = optim.make_optimizer(config.optim, trainable), optim.make_schedule(config.optim)
     state = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), trainable)
     if mesh is not None:

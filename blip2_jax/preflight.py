@@ -27,6 +27,7 @@ def validate(config, workdir: str) -> None:
     check_schedule(config)
     check_mesh_and_batch(config, positive_int(config.max_batch_per_device, "max_batch_per_device"))
     check_init_sources(config)
+    check_quantization(config)
     check_workdir(workdir)
     check_input(config.input)
 
@@ -68,6 +69,15 @@ def check_mesh_and_batch(config, max_batch_per_device: int) -> None:
         raise UserError(f"input.batch_size {batch} must be divisible by grad_accum_steps ({accum}) "
                         f"x the mesh's batch axes (data x fsdp = {data}) and by the {processes} "
                         f"process(es) (--config.input.batch_size)")
+
+
+def check_quantization(config) -> None:
+    """`model.quantize_frozen` is a known mode the backend can run (blip2_jax/quant.py)."""
+    from blip2_jax import quant
+    try:
+        quant.check_backend(quant.check_mode(config.model.get("quantize_frozen", "none")))
+    except ValueError as e:
+        raise UserError(f"{e} (--config.model.quantize_frozen)") from None
 
 
 def check_init_sources(config) -> None:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import qwix
 from flax import traverse_util
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ def cast_frozen(frozen: Mapping, dtype=jnp.bfloat16, keep_float32: str | None = 
     keep = re.compile(keep_float32) if keep_float32 else None
     out = {}
     for path, leaf in _flatten(frozen).items():
-        if leaf is not traverse_util.empty_node and jnp.issubdtype(leaf.dtype, jnp.floating):
+        if isinstance(leaf, qwix.QArray):  # quantized kernels keep their int8 values and float32 scales
+            pass
+        elif leaf is not traverse_util.empty_node and jnp.issubdtype(leaf.dtype, jnp.floating):
             if not (keep and keep.search("/".join(map(str, path)))):
                 leaf = leaf.astype(dtype)
         out[path] = leaf
@@ -117,9 +120,14 @@ def cast_frozen(frozen: Mapping, dtype=jnp.bfloat16, keep_float32: str | None = 
 
 def split_and_cast(params: Mapping, config) -> tuple[dict, dict]:
     """The trainer's set-up of a freshly initialised tree: (trainable, frozen) by
-    `config.frozen_patterns`, the frozen part cast to `config.model.frozen_param_dtype`."""
+    `config.frozen_patterns`, the frozen part cast to `config.model.frozen_param_dtype` and its
+    kernels quantized by `config.model.quantize_frozen` ("int8": `blip2_jax/quant.py`; the
+    frozen tree then holds int8 values and float32 scales, never differentiated)."""
+    from blip2_jax import quant
+
     trainable, frozen = split_params(params, list(config.frozen_patterns))
-    return trainable, cast_frozen(frozen, config.model.frozen_param_dtype)
+    frozen = cast_frozen(frozen, config.model.frozen_param_dtype)
+    return trainable, quant.quantize_params(frozen, config.model.get("quantize_frozen", "none"))
 
 
 def tree_bytes(tree) -> int:

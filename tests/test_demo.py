@@ -53,7 +53,7 @@ def test_batched_requests_group_by_settings():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", GOLDEN / "blip2_opt", "--quantize", "int8"], "--quantize is not available yet"),
+    (["--model", GOLDEN / "blip2_opt", "--quantize", "int7"], "unknown quantization mode 'int7'"),
     (["--model", "/no/such/model/dir"], "/no/such/model/dir"),
 ])
 def test_bad_command_line_is_one_line(args, message):

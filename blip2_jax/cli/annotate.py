@@ -121,7 +121,8 @@ def main(argv=None) -> int:
 
         from blip2_jax.inference import load
         pi, pc = jax.process_index(), jax.process_count()
-        model = load(args.model, dtype=args.dtype, mesh=sharding.make_mesh(shape, devices=jax.local_devices()))
+        model = load(args.model, dtype=args.dtype, mesh=sharding.make_mesh(shape, devices=jax.local_devices()),
+                     quantize=args.quantize)
         task = make_task(args, model.predictor)  # bad options fail before the output is touched
         config = run_config(args)
         annotation.prepare_output(args.output, config, overwrite=args.overwrite, leader=pi == 0)

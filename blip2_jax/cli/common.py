@@ -35,8 +35,16 @@ def parser(prog: str, description: str) -> OneLineParser:
                         "Salesforce/blip2-opt-2.7b: its cache, downloaded unless HF_HUB_OFFLINE=1)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit (with a Hub id)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="frozen towers' dtype")
+    add_quantize(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def add_quantize(p: argparse.ArgumentParser) -> None:
+    """--quantize: the frozen towers' matrices in int8 / int4 (blip2_jax/quant.py)."""
+    p.add_argument("--quantize", default=None, metavar="MODE",
+                   help="frozen towers' matrices quantized: int8 or int4 (weight-only, one scale per "
+                        "output channel); default: as the checkpoint stores them")
 
 
 def _number(kind, lower, strict: bool):
@@ -80,7 +88,8 @@ def load_images(paths: Sequence[str]):
 
 def load_model(args):
     from blip2_jax.inference import load
-    return load(args.model, dtype=args.dtype, revision=getattr(args, "revision", None))
+    return load(args.model, dtype=args.dtype, revision=getattr(args, "revision", None),
+                quantize=getattr(args, "quantize", None))
 
 
 def print_json(obj: Any):

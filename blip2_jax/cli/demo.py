@@ -1,7 +1,7 @@
 """A web demo of a BLIP-2 checkpoint (Gradio), on CPU, GPU or TPU.
 
     python -m blip2_jax.demo --model DIR_OR_HUB_ID [--retrieval-model DIR] [--gallery DIR]
-        [--port 7860] [--host 127.0.0.1] [--dtype bfloat16]
+        [--port 7860] [--host 127.0.0.1] [--dtype bfloat16] [--quantize int8]
 
 Tabs about one uploaded image: caption (beam search or sampling), chat (each question goes to the
 model with the earlier turns in the prompt, "Question: q1 Answer: a1. Question: q2 Answer:", as in
@@ -352,7 +352,7 @@ def build_parser():
                    help="a retrieval checkpoint (Blip2ForImageTextRetrieval) for the search tab")
     p.add_argument("--gallery", metavar="DIR", help="a server folder of images the search tab can search")
     p.add_argument("--dtype", default="float32", choices=common.DTYPES, help="frozen towers' dtype")
-    p.add_argument("--quantize", metavar="MODE", help="quantized frozen towers (not available yet)")
+    common.add_quantize(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=common.positive_int, default=7860)
     return p
@@ -360,8 +360,6 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quantize is not None:
-        common.fail(PROG, "--quantize is not available yet")
 
     def go():
         model_dir, retrieval_dir = args.model, args.retrieval_model  # directories or Hub ids (`load`)
@@ -373,14 +371,14 @@ def main(argv=None) -> int:
 
         from blip2_jax import inference
         t0 = time.perf_counter()
-        model = inference.load(model_dir, dtype=args.dtype)
+        model = inference.load(model_dir, dtype=args.dtype, quantize=args.quantize)
         model.predictor.require(model.can_generate, "the demo's caption and chat", model_dir)
-        retrieval = inference.load(retrieval_dir, dtype=args.dtype) if retrieval_dir else None
+        retrieval = inference.load(retrieval_dir, dtype=args.dtype, quantize=args.quantize) if retrieval_dir else None
         if retrieval is not None:
             retrieval.predictor.require(retrieval.can_match, "search", retrieval_dir)
         dev = jax.devices()
         title = (f"{os.path.basename(os.path.normpath(model_dir))} on {len(dev)} {dev[0].platform.upper()} "
-                 f"device(s), {args.dtype}")
+                 f"device(s), {args.dtype}" + (f", {args.quantize}" if args.quantize else ""))
         print(f"{PROG}: loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         app = build_app(Demo(model, retrieval, gallery), title)
         app.queue(default_concurrency_limit=1, max_size=64).launch(
