@@ -2,10 +2,13 @@
 better model? (paper §3.4; the figures in docs/data.md come from this script)
 
     python tools/capfilt_evidence.py --workdir W [--seeds 3] [--images 4000] [--noise 0.5]
+        [--miniature_src DIR]
 
 Steps (each skipped when its output exists, so a rerun continues):
-  models    `python -m blip2_jax.miniature --workdir W/miniature --seeds N`: the miniature's frozen
-            towers and, per seed, its stage-1 (retrieval) and stage-2 (captioning) models
+  models    `python -m blip2_jax.miniature --workdir W/miniature/seed_S --seed S` per seed (from
+            --miniature_src, a copy of the project, when given): its frozen towers, stage-1
+            (retrieval) and stage-2 (captioning) models. Only the public artifacts are used: the
+            training workdirs named stage1 and stage2, and the stage-1 run's config.json
   web       new scenes drawn like the miniature's corpus (another generator seed; scenes equal
             to a held-out test scene left out), each with one web caption: one of its true
             captions, or for a share `--noise` of them, in equal parts, a caption of another
@@ -17,9 +20,9 @@ Steps (each skipped when its output exists, so a rerun continues):
   quality   each image's web caption and its kept captions against the scene's objects:
             faithful (names at least one (colour, shape) and only ones in the scene), wrong
             (names one that is not there), object recall
-  stage 1   per seed, the miniature's stage 1 (same start, steps, batch) on the noisy web
-            captions, on CapFilt's output and on the true captions; held-out retrieval R@1
-            (ITM re-ranked) on the miniature's 250 test scenes
+  stage 1   per seed, the miniature's stage 1 (its config.json: same start, steps, batch) on the
+            noisy web captions, on CapFilt's output and on the true captions; held-out retrieval
+            R@1 (ITC top 16 re-ranked by ITM) on the miniature's test scenes
 Results: W/results.json and a Markdown table on stdout.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ import io
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,12 +50,15 @@ GENERIC = ("image", "photo", "untitled", "click to enlarge", "stock photo", "vie
 NOISE_KINDS = ("other_scene", "truncated", "generic")
 
 
-def run(cmd: list[str], log: str) -> dict:
-    """Runs a blip2_jax command line; returns its JSON summary (the last stdout line)."""
+def run(cmd: list[str], log: str, src: str = ROOT) -> dict:
+    """Runs a blip2_jax command line (from the project copy `src`); returns its JSON summary
+    (the last stdout line)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    if src != ROOT:
+        env["PYTHONPATH"] = src
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     with open(log, "w") as err:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        p = subprocess.run(cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     if p.returncode:
         raise SystemExit(f"error: {' '.join(cmd[:3])} failed (exit {p.returncode}); see {log}")
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
@@ -59,18 +66,26 @@ def run(cmd: list[str], log: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ the web corpus
-def miniature_look():
-    from blip2_jax.data.builders import synthetic_shapes as ss
-    return next(c for c in ss.CONFIGS if c.name == "miniature")
+def find_run(folder: str, name: str) -> str | None:
+    """The training workdir called `name` (config.json + checkpoints/) under `folder`."""
+    for d, subdirs, files in os.walk(folder):
+        if os.path.basename(d) == name and "config.json" in files and "checkpoints" in subdirs:
+            return d
+    return None
 
 
-def test_scene_keys(data_dir: str) -> set[str]:
+def corpus_config(dataset: str):
+    """The synthetic_shapes BuilderConfig of the miniature's dataset ("synthetic_shapes[/name]")."""
+    from blip2_jax.data import builders
+    return builders.get_builder(dataset).builder_config
+
+
+def test_scene_keys(dataset: str, data_dir: str) -> set[str]:
     """Scene keys (synthetic_shapes.scene_key) of the miniature's held-out test scenes."""
     import tensorflow_datasets as tfds
 
     from blip2_jax.data import builders  # noqa: F401  registers synthetic_shapes
-    src = tfds.data_source("synthetic_shapes/miniature", split="test", data_dir=data_dir,
-                           decoders={"image": tfds.decode.SkipDecoding()})
+    src = tfds.data_source(dataset, split="test", data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()})
     keys = set()
     for r in src:
         o = r["objects"]
@@ -80,17 +95,20 @@ def test_scene_keys(data_dir: str) -> set[str]:
     return keys
 
 
-def web_scenes(n: int, exclude: set[str]) -> list[dict]:
-    """n new scenes of the miniature's look, none equal to an excluded (test) scene."""
+def web_scenes(n: int, look, exclude: set[str]) -> list[dict]:
+    """n new scenes of the miniature corpus's look (its BuilderConfig `look`, another generator
+    seed), none equal to an excluded (test) scene."""
+    import inspect
+
     from blip2_jax.data.builders import synthetic_shapes as ss
-    look = miniature_look()
     cfg = dataclasses.replace(look, name="capfilt_web", seed=WEB_SEED, num_train=n + 50, num_validation=0,
                               num_test=0)
+    extra = [getattr(cfg, k) for k in ("colours", "full_caption") if k in inspect.signature(ss.make_example).parameters]
     out = []
     for index, scene in ss.assign_splits(cfg)["train"]:
         if json.dumps(json.loads(ss.scene_key(scene))) in exclude or len(out) == n:
             continue
-        ex = ss.make_example(scene, index, cfg.image_size, cfg.seed, tuple(cfg.colours), cfg.full_caption)
+        ex = ss.make_example(scene, index, cfg.image_size, cfg.seed, *extra)
         out.append({"image": ex["image"], "captions": ex["captions"],
                     "objects": [(o["colour"], o["shape"]) for o in ex["objects"]]})
     return out
@@ -168,32 +186,31 @@ def read_dataset(name: str, data_dir: str) -> dict[int, dict]:
 
 
 # ------------------------------------------------------------------------------ stage 1
-def stage1_config(w: str, seed: int, dataset: str, data_dir: str):
-    from blip2_jax.miniature import config as mini
-    m = os.path.join(w, "miniature")
-    c = mini.get_config(f"stage1,towers={m}/towers,run={m}/seed_{seed},data_dir={m}/tfds,seed={seed}")
+def stage1_config(reference: str, dataset: str, data_dir: str, seed: int):
+    """The miniature's stage-1 run (its config.json) on another dataset."""
+    import ml_collections
+    with open(os.path.join(reference, "config.json")) as f:
+        c = ml_collections.ConfigDict(json.load(f))
     c.input.dataset, c.input.data_dir = dataset, data_dir
+    c.seed = c.input.seed = seed
     return c
 
 
-def retrieval(workdir: str, w: str) -> dict[str, float]:
-    """Held-out retrieval (the miniature's protocol) of a stage-1 workdir."""
+def retrieval(workdir: str, dataset: str, data_dir: str) -> dict[str, float]:
+    """Held-out retrieval of a stage-1 workdir on the test split of `dataset` (the miniature's):
+    ITC for every pair, the top 16 re-ranked by ITM + ITC, R@1/5/10 both ways."""
+    import ml_collections
+
     from blip2_jax import serving, sharding
     from blip2_jax.evaluators import base, registry
-    from blip2_jax.miniature import config as mini
     from blip2_jax.miniature import tiny
-    m = os.path.join(w, "miniature")
-    overrides = mini.get_config(f"eval,towers={m}/towers,data_dir={m}/tfds").retrieval
+    with open(os.path.join(workdir, "config.json")) as f:
+        inp = ml_collections.ConfigDict(json.load(f)).input
     c = base.with_defaults(tiny.eval_config("retrieval"))
-
-    def merge(dst, src):
-        for k, v in src.items():
-            if hasattr(v, "items") and hasattr(dst[k], "items"):
-                merge(dst[k], v)
-            else:
-                dst[k] = v
-    merge(c, overrides)
-    c.output_dir = os.path.join(workdir, "eval")
+    c.input.update(dataset=dataset, data_dir=data_dir, split="test",
+                   image_size=inp.image_size, batch_size=32)
+    c.update(k=16, itm_rows_per_call=32, max_text_len=inp.max_text_len, progress=False,
+             output_dir=os.path.join(workdir, "eval"))
     mesh = sharding.make_mesh()
     with sharding.use(mesh):
         predictor = serving.Predictor.from_workdir(workdir, mesh=mesh)
@@ -213,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--noise", type=float, default=0.5)
+    p.add_argument("--miniature_src", default=ROOT, help="the project copy whose miniature makes the models")
     args = p.parse_args(argv)
     w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)
@@ -223,12 +241,19 @@ def main(argv=None) -> None:
         with open(results_path, "w") as f:
             json.dump(res, f, indent=1)
 
-    m = os.path.join(w, "miniature")
-    if not all(os.path.isdir(os.path.join(m, f"seed_{s}", "stage2", "checkpoints")) for s in range(args.seeds)):
-        run([sys.executable, "-m", "blip2_jax.miniature", "--workdir", m, "--seeds", str(args.seeds)],
-            os.path.join(w, "miniature.log"))
+    runs = {}
+    for seed in range(args.seeds):  # the miniature, one workdir per seed
+        m = os.path.join(w, "miniature", f"seed_{seed}")
+        if not (find_run(m, "stage1") and find_run(m, "stage2")):
+            run([sys.executable, "-m", "blip2_jax.miniature", "--workdir", m, "--seed", str(seed)],
+                os.path.join(w, f"miniature_{seed}.log"), src=os.path.abspath(args.miniature_src))
+        runs[seed] = {"stage1": find_run(m, "stage1"), "stage2": find_run(m, "stage2")}
+    with open(os.path.join(runs[0]["stage1"], "config.json")) as f:
+        mini_input = json.load(f)["input"]
+    dataset, mini_data = mini_input["dataset"], mini_input["data_dir"]
+    res["miniature"] = {"dataset": dataset, "runs": runs}
     if "web" not in res:
-        scenes = web_scenes(args.images, test_scene_keys(os.path.join(m, "tfds")))
+        scenes = web_scenes(args.images, corpus_config(dataset), test_scene_keys(dataset, mini_data))
         web = web_captions(scenes, args.noise)
         write_tars(os.path.join(w, "web", "noisy"), scenes, [c for c, _, _ in web])
         write_tars(os.path.join(w, "web", "clean"), scenes, [t for _, _, t in web])
@@ -245,30 +270,13 @@ def main(argv=None) -> None:
             save()
     if "capfilt" not in res:
         res["capfilt"] = run([sys.executable, "-m", "blip2_jax.capfilt", "--input", "image_text_pairs:train",
-                              "--input_data_dir", os.path.join(w, "data", "noisy"),
-                              "--captioner", os.path.join(m, "seed_0", "stage2"),
-                              "--scorer", os.path.join(m, "seed_0", "stage1"), "--output_dir",
-                              os.path.join(w, "data", "capfilt"), "--max_new_tokens", "36", "--if_exists", "resume",
-                              "--no_progress"], os.path.join(w, "capfilt.log"))
+                              "--input_data_dir", os.path.join(w, "data", "noisy"), "--captioner", runs[0]["stage2"],
+                              "--scorer", runs[0]["stage1"], "--output_dir", os.path.join(w, "data", "capfilt"),
+                              "--max_new_tokens", "36", "--if_exists", "resume", "--no_progress"],
+                             os.path.join(w, "capfilt.log"))
         save()
     if "quality" not in res:
-        objects = dict(enumerate(res["web"]["objects"]))
-        kinds = dict(enumerate(res["web"]["kind"]))
-        noisy = read_dataset("image_text_pairs", os.path.join(w, "data", "noisy"))
-        kept = read_dataset("capfilt_pairs", os.path.join(w, "data", "capfilt"))
-        clean = read_dataset("image_text_pairs", os.path.join(w, "data", "clean"))
-        q = {"web": caption_quality({i: r["captions"] for i, r in noisy.items()}, objects),
-             "capfilt": caption_quality({i: r["captions"] for i, r in kept.items()}, objects),
-             "true": caption_quality({i: r["captions"] for i, r in clean.items()}, objects)}
-        for kind in ("clean",) + NOISE_KINDS:  # by what happened to the web caption
-            ids = [i for i in kept if kinds[i] == kind]
-            q[f"web/{kind}"] = caption_quality({i: noisy[i]["captions"] for i in ids}, objects)
-            q[f"capfilt/{kind}"] = caption_quality({i: kept[i]["captions"] for i in ids}, objects)
-            q[f"web_kept/{kind}"] = float(np.mean(["web" in kept[i]["caption_sources"] for i in ids]))
-        q["synthetic_share"] = float(np.mean([s == "synthetic" for r in kept.values() for s in r["caption_sources"]]))
-        q["examples"] = [{"web": noisy[i]["captions"][0], "kind": kinds[i], "kept": kept[i]["captions"],
-                          "scores": kept[i]["caption_scores"], "objects": objects[i]} for i in sorted(kept)[:8]]
-        res["quality"] = q
+        res["quality"] = quality(w, res)
         save()
     from blip2_jax import cache
     from blip2_jax import main as trainer
@@ -282,15 +290,37 @@ def main(argv=None) -> None:
             if key in res["stage1"]:
                 continue
             workdir = os.path.join(w, "stage1", variant, f"seed_{seed}")
-            if os.path.isdir(workdir):
-                import shutil
-                shutil.rmtree(workdir)  # an interrupted run: start it again
+            shutil.rmtree(workdir, ignore_errors=True)  # an interrupted run starts again
             print(f"stage 1: {key}", file=sys.stderr, flush=True)
-            last = trainer.train(stage1_config(w, seed, name, os.path.join(w, "data", folder)), workdir)
+            cfg = stage1_config(runs[seed]["stage1"], name, os.path.join(w, "data", folder), seed)
+            last = trainer.train(cfg, workdir)
             res["stage1"][key] = {"loss": {k: float(v) for k, v in last.items() if k.endswith("loss")},
-                                  "retrieval": retrieval(workdir, w)}
+                                  "retrieval": retrieval(workdir, dataset, mini_data)}
             save()
+    res["stage1_miniature"] = {str(s): retrieval(r["stage1"], dataset, mini_data) for s, r in runs.items()}
+    save()
     print(report(res, args.seeds))
+
+
+def quality(w: str, res: dict) -> dict:
+    """Caption quality of the web captions, CapFilt's kept ones and the true ones (by noise kind)."""
+    objects = dict(enumerate(res["web"]["objects"]))
+    kinds = dict(enumerate(res["web"]["kind"]))
+    noisy = read_dataset("image_text_pairs", os.path.join(w, "data", "noisy"))
+    kept = read_dataset("capfilt_pairs", os.path.join(w, "data", "capfilt"))
+    clean = read_dataset("image_text_pairs", os.path.join(w, "data", "clean"))
+    q = {"web": caption_quality({i: r["captions"] for i, r in noisy.items()}, objects),
+         "capfilt": caption_quality({i: r["captions"] for i, r in kept.items()}, objects),
+         "true": caption_quality({i: r["captions"] for i, r in clean.items()}, objects)}
+    for kind in ("clean",) + NOISE_KINDS:  # by what happened to the web caption
+        ids = [i for i in kept if kinds[i] == kind]
+        q[f"web/{kind}"] = caption_quality({i: noisy[i]["captions"] for i in ids}, objects)
+        q[f"capfilt/{kind}"] = caption_quality({i: kept[i]["captions"] for i in ids}, objects)
+        q[f"web_kept/{kind}"] = float(np.mean(["web" in kept[i]["caption_sources"] for i in ids]))
+    q["synthetic_share"] = float(np.mean([s == "synthetic" for r in kept.values() for s in r["caption_sources"]]))
+    q["examples"] = [{"web": noisy[i]["captions"][0], "kind": kinds[i], "kept": kept[i]["captions"],
+                      "scores": kept[i]["caption_scores"], "objects": objects[i]} for i in sorted(kept)[:8]]
+    return q
 
 
 def report(res: dict, seeds: int) -> str:
