@@ -62,6 +62,13 @@ PAPER_CONFIGS = (("stage 1, ViT-g", "configs/stage1_pretrain.py", "vitg"),
                  ("ViT-g + FlanT5-XXL", "configs/stage2_t5.py", "xxl"))
 PAPER_TOPOLOGIES = ("v4-32", "v5e-16", "v5p-8")
 _SLICES = flags.DEFINE_list("slices", list(PAPER_TOPOLOGIES), "With --table: the slices to plan for.")
+# Inference plans (blip2_jax/plan_inference.py): serving's programs instead of the train step.
+_INFER = flags.DEFINE_string("infer", None, "A preset (e.g. vitg_flant5xxl): plan its inference programs.")
+_INFER_TABLE = flags.DEFINE_bool("infer_table", False, "The inference table: released models x dtypes x slices.")
+_QUANTIZE = flags.DEFINE_string("quantize", "none", "With --infer: frozen towers none | int8 | int4.")
+_BATCH = flags.DEFINE_integer("batch", 8, "With --infer: images per call.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "With --infer: prompt tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "With --infer: generated tokens (greedy).")
 
 
 @dataclasses.dataclass
@@ -421,6 +428,9 @@ def main(argv) -> None:
     if _TABLE.value:
         print(paper_table(topologies=tuple(_SLICES.value), compile=_COMPILE.value))
         return
+    if _INFER.value or _INFER_TABLE.value:
+        _infer()
+        return
     if _CONFIG.value is None or not _TOPOLOGY.value:
         print("error: --config and --topology are required (or --table)", file=sys.stderr)
         sys.exit(2)
@@ -446,6 +456,27 @@ def main(argv) -> None:
         else:
             print(f"suggestion: {fix.overrides}")
             print(describe(fix))
+
+
+def _infer() -> None:
+    from blip2_jax import plan_inference, quant
+    kw = dict(batch=_BATCH.value, prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, compile=_COMPILE.value)
+    try:
+        quant.check_mode(_QUANTIZE.value)
+        if _INFER_TABLE.value:
+            slices = tuple(_SLICES.value) if flags.FLAGS["slices"].present else plan_inference.SLICES
+            print(plan_inference.table(topology_devices, slices=slices, **kw))
+            return
+        if not _TOPOLOGY.value:
+            raise ValueError("--infer needs --topology (e.g. v5e-1)")
+        devices, _, hbm = topology_devices(_TOPOLOGY.value)
+        hbm = int(_HBM_GIB.value * GIB) if _HBM_GIB.value is not None else hbm
+        name = dict((p, n) for n, p in plan_inference.RELEASED).get(_INFER.value, _INFER.value)
+        print(plan_inference.describe(plan_inference.plan(name, _INFER.value, _TOPOLOGY.value, devices, hbm or 0,
+                                                          _QUANTIZE.value, **kw)))
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

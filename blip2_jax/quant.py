@@ -114,6 +114,9 @@ def quantize_params(params: Mapping, mode: str, shardings: Mapping | None = None
         if qtype is None or is_quantized(leaf):
             out[path] = leaf
             continue
+        if isinstance(leaf, jax.core.Tracer):  # inside a trace (eval_shape, jit): no placement
+            out[path] = quantize_kernel(leaf, qtype)
+            continue
         sh = flat_sh.get(path, getattr(leaf, "sharding", None))
         out_sh = shard_like(sh, leaf.ndim, qtype) if isinstance(sh, NamedSharding) else None
         out[path] = jax.jit(quantize_kernel, static_argnums=1, out_shardings=out_sh)(leaf, qtype)
@@ -181,7 +184,7 @@ _qwix_scale = jax.jit(qwix._src.core.qarray.compute_scale_zero_point, static_arg
 
 # ------------------------------------------------------------------------------ the matmul
 _STREAM = contextvars.ContextVar("blip2_jax_quant_stream", default=None)
-STREAM_ROWS = 4        # at most this many rows (decoding) take the streaming dot on CPU
+STREAM_ROWS = 8        # at most this many rows (decoding at batch <= 8) take the streaming dot on CPU
 STREAM_CHUNK = 64      # output channels dequantized per loop step (fits in L2 with the input)
 
 

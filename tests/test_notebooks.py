@@ -52,6 +52,7 @@ def test_inference_notebook_runs():
     text = _text(nb)
     assert "caption</b>:" in text and "<b>A</b>:" in text
     assert "rank 1, score" in text and "ITM probability" in text
+    assert "frozen towers: int8" in text  # smoke mode runs the quantized path
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
 
 

@@ -189,3 +189,61 @@ def test_int4_checkpoint_stores_one_value_per_byte(tmp_path):
     for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(model.params), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------ memory
+MEASURE = """
+    import json, re, sys, time
+    import jax
+    from blip2_jax import quant, sharding
+    from blip2_jax.models import build
+    from blip2_jax.models.blip2 import Blip2
+    from blip2_jax.weights import hf
+
+    def hwm_mib():
+        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    directory, mode, scan = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    jax.devices()
+    ckpt = hf.read_lazy(directory, scan_layers=scan)
+    mode = ckpt.quantized_mode(None if mode == "stored" else mode)
+    dt = build.dtype("bfloat16")
+    model = Blip2(ckpt.config, vision_dtype=dt, text_dtype=dt, scan_layers=scan)
+    mesh = sharding.single_device_mesh()
+    with sharding.use(mesh):
+        boxed = build.abstract_params(model, ckpt.config)
+        shardings = quant.quantized_shardings(sharding.param_shardings(boxed, mesh), sharding.unbox(boxed), mode)
+    quant.host_scale(__import__("numpy").ones((8, 8), "float32"), quant.QTYPES["int8"])  # compile Qwix's helpers
+    before = hwm_mib()
+    start = time.perf_counter()
+    params = jax.block_until_ready(ckpt.place(shardings, dt, mode))
+    seconds = time.perf_counter() - start
+    weights = quant.tree_bytes(params) / 2**20
+    print(json.dumps({"before": before, "peak": hwm_mib(), "weights": weights, "seconds": seconds}))
+"""
+
+
+@pytest.mark.slow
+def test_quantizing_and_quantized_loading_stay_within_1_1x_the_placed_weights(tmp_path):
+    """Quantizing while loading (float32 files), and loading a saved int8 checkpoint: peak host
+    memory grows by at most 1.1x the placed weights (int8 kernels + scales, the rest as placed)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import ROOT
+    from tests.test_placement import write_checkpoint
+
+    write_checkpoint(tmp_path / "ckpt")
+    blip2_jax.load(tmp_path / "ckpt", quantize="int8").save_quantized(str(tmp_path / "int8"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", OPENBLAS_NUM_THREADS="1")
+    for directory, mode, scan in (("ckpt", "int8", False), ("ckpt", "int8", True), ("int8", "stored", False)):
+        run = subprocess.run([sys.executable, "-c", textwrap.dedent(MEASURE), str(tmp_path / directory), mode,
+                              str(int(scan))], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        m = json.loads(run.stdout.strip().splitlines()[-1])
+        grown = m["peak"] - m["before"]
+        print(f"{directory} {mode} scan={scan}: weights {m['weights']:.0f} MiB, peak grew {grown:.0f} MiB "
+              f"({grown / m['weights']:.3f}x) in {m['seconds']:.2f} s")
+        assert grown <= 1.1 * m["weights"], (directory, mode, scan, m)

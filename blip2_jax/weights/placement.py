@@ -196,7 +196,10 @@ def place_quantized(leaf, sh, qtype, release: Release):
         scales = leaf.scale.layers if isinstance(leaf.scale, LayerStack) else (leaf.scale,)
         scales = [np.asarray(x, np.float32) for x in scales]
     else:
-        scales = [quant.host_scale(k, qtype) for k in kernels]
+        scales = []
+        for k in kernels:  # one pass over each layer for its scales, its pages released after it
+            scales.append(quant.host_scale(k, qtype))
+            release([k])
     lead = () if layers is None else (len(kernels),)
     d_out = scales[0].shape[0]
     d_in = kernels[0].shape[-1] if stored else kernels[0].shape[0]
@@ -205,7 +208,9 @@ def place_quantized(leaf, sh, qtype, release: Release):
     def one(k, scale, rows, cols, out):
         if stored:
             copy_into(out, np.asarray(k[rows, cols]))
-        else:
+        elif cols == slice(0, d_in):
+            quant.host_quantize(k[:, rows], scale[rows], qtype, out)
+        else:  # the input axis is split too: quantize whole channels, keep this shard's inputs
             full = np.empty((rows.stop - rows.start, d_in), host_dtype)
             quant.host_quantize(k[:, rows], scale[rows], qtype, full)
             out[...] = full[:, cols]
