@@ -8,17 +8,14 @@ every Dense kernel of `vision_model` and `language_model` (attention projections
 project_in/out). Never the Q-Former, the projection, norms, biases, embeddings (patch, position,
 token, T5's relative buckets) or the LLM's output head.
 
-A quantized kernel is a `qwix.QArray` in the kernel's place: `qvalue` [out, in] int8 (the weight
-transposed, as torch's Linear stores it: each output channel contiguous over the input, which
-the CPU decoding dot streams), `scale` [out, 1] float32 = max |w| over the input / 127.5 (Qwix's
+A quantized kernel is a `qwix.QArray` in the kernel's place: `qvalue` [out, in] int8 (the float
+kernel's own layout: the frozen towers store theirs as torch's Linear does, each output channel
+contiguous over the input, which the CPU decoding dot streams), `scale` [out, 1] float32 = max |w| over the input / 127.5 (Qwix's
 symmetric absmax calibration; int4: / 7.5). Scanned layers add a leading layer axis to both.
 w[i, o] ~= qvalue[o, i] * scale[o, 0].
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
 import re
 from collections.abc import Mapping
 
@@ -29,7 +26,8 @@ import numpy as np
 import qwix
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from blip2_jax import train_state
+from blip2_jax import frozen
+from blip2_jax.models import streaming as streaming_lib
 
 MODES = ("none", "int8", "int4")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
@@ -40,8 +38,8 @@ _NOT_QUANTIZED = ("patch_embedding", "lm_head")  # embeddings and the output hea
 def rules(mode: str) -> list[qwix.QuantizationRule]:
     """The Qwix rules of `mode`: weight-only, absmax, per output channel, frozen towers only."""
     qtype = QTYPES[check_mode(mode)]
-    towers = "|".join(map(re.escape, train_state.FROZEN_TOWERS))
-    skip = "|".join(_NOT_QUANTIZED + tuple(t.split("/", 1)[1] for t in train_state.TRAINED_IN_TOWERS))
+    towers = "|".join(map(re.escape, frozen.FROZEN_TOWERS))
+    skip = "|".join(_NOT_QUANTIZED + tuple(t.split("/", 1)[1] for t in frozen.TRAINED_IN_TOWERS))
     return [qwix.QuantizationRule(module_path=rf"({towers})/(?!(.*/)?({skip})(/|$)).*", weight_qtype=qtype,
                                   weight_calibration_method="absmax")]
 
@@ -57,9 +55,9 @@ def check_mode(mode: str | None) -> str:
 def check_towers(towers) -> None:
     """Only the frozen towers are quantized; naming anything else is a one-line ValueError."""
     for t in towers:
-        if t not in train_state.FROZEN_TOWERS:
+        if t not in frozen.FROZEN_TOWERS:
             raise ValueError(f"cannot quantize {t!r}: only the frozen towers "
-                             f"({', '.join(train_state.FROZEN_TOWERS)}) are quantized; the Q-Former and "
+                             f"({', '.join(frozen.FROZEN_TOWERS)}) are quantized; the Q-Former and "
                              "the projection train and stay in float32")
 
 
@@ -97,8 +95,8 @@ def is_quantized(x) -> bool:
 
 # ------------------------------------------------------------------------------ on devices
 def quantize_kernel(kernel: jax.Array, qtype) -> qwix.QArray:
-    """A Dense kernel [..., in, out] -> QArray (qvalue [..., out, in], scale [..., out, 1] float32)."""
-    w = jnp.swapaxes(kernel, -1, -2).astype(jnp.float32)
+    """A frozen tower's kernel [..., out, in] -> QArray (qvalue [..., out, in], scale [..., out, 1] float32)."""
+    w = kernel.astype(jnp.float32)
     return qwix.quantize(w, qtype, channelwise_axes=tuple(range(w.ndim - 1)))
 
 
@@ -124,10 +122,10 @@ def quantize_params(params: Mapping, mode: str, shardings: Mapping | None = None
 
 
 def shard_like(kernel_sharding: NamedSharding, ndim: int, qtype) -> qwix.QArray:
-    """The kernel's NamedSharding ([..., in, out]) -> a QArray of shardings for its qvalue
-    ([..., out, in]) and scale ([..., out, 1])."""
+    """The kernel's NamedSharding ([..., out, in]) -> a QArray of shardings for its qvalue
+    (the same) and scale ([..., out, 1])."""
     spec = tuple(kernel_sharding.spec) + (None,) * (ndim - len(kernel_sharding.spec))
-    lead, a_in, a_out = spec[:-2], spec[-2], spec[-1]
+    lead, a_out, a_in = spec[:-2], spec[-2], spec[-1]
     mesh = kernel_sharding.mesh
     return qwix.QArray(NamedSharding(mesh, P(*lead, a_out, a_in)), NamedSharding(mesh, P(*lead, a_out, None)),
                        None, qtype)
@@ -146,7 +144,7 @@ def abstract(tree: Mapping, mode: str) -> dict:
         qtype = qtype_of(path, mode)
         if qtype is None:
             return x
-        shape = tuple(x.shape[:-2]) + (x.shape[-1], x.shape[-2])
+        shape = tuple(x.shape)
         sh = getattr(x, "sharding", None)
         qs = shard_like(sh, len(shape), qtype) if isinstance(sh, NamedSharding) else None
         return qwix.QArray(jax.ShapeDtypeStruct(shape, qtype, sharding=qs and qs.qvalue),
@@ -155,23 +153,27 @@ def abstract(tree: Mapping, mode: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ on the host
-def host_scale(kernel: np.ndarray, qtype) -> np.ndarray:
-    """Per-output-channel scales of a kernel view [in, out] -> float32 [out, 1], exactly as
-    `qwix.quantize` computes them from the float32 values (read in blocks of columns)."""
-    absmax = np.empty((kernel.shape[-1], 1), np.float32)
-    for j in range(0, kernel.shape[-1], _BLOCK):
-        absmax[j:j + _BLOCK, 0] = np.abs(np.asarray(kernel[:, j:j + _BLOCK], np.float32)).max(axis=0)
+def host_scale(kernel: np.ndarray, qtype, release=lambda arrays: None) -> np.ndarray:
+    """Per-output-channel scales of a kernel view [out, in] -> float32 [out, 1], exactly as
+    `qwix.quantize` computes them from the float32 values (read in blocks of rows, each block's
+    file pages handed to `release` once read)."""
+    absmax = np.empty((kernel.shape[0], 1), np.float32)
+    for j in range(0, kernel.shape[0], _BLOCK):
+        absmax[j:j + _BLOCK, 0] = np.abs(np.asarray(kernel[j:j + _BLOCK], np.float32)).max(axis=1)
+        release([kernel[j:j + _BLOCK]])
     scale, _ = _qwix_scale({"absmax": jax.device_put(absmax, jax.devices("cpu")[0])}, qtype)  # Qwix's own
     return np.asarray(scale)
 
 
-def host_quantize(kernel: np.ndarray, scale: np.ndarray, qtype, out: np.ndarray) -> None:
-    """out [out, in] = Qwix's quantization of kernel.T with `scale` [out, 1], from a kernel view
-    [in, out], a block of output channels at a time (on the host's CPU device, so a block's
-    float32 copy is the only temporary)."""
+def host_quantize(kernel: np.ndarray, scale: np.ndarray, qtype, out: np.ndarray,
+                  release=lambda arrays: None) -> None:
+    """out [out, in] = Qwix's quantization of a kernel view [out, in] with `scale` [out, 1], a
+    block of output channels at a time (on the host's CPU device, so a block's float32 copy is
+    the only temporary; each block's file pages handed to `release` once read)."""
     cpu = jax.devices("cpu")[0]
-    for j in range(0, kernel.shape[-1], _BLOCK):
-        block = np.ascontiguousarray(np.asarray(kernel[:, j:j + _BLOCK], np.float32).T)
+    for j in range(0, kernel.shape[0], _BLOCK):
+        block = np.ascontiguousarray(np.asarray(kernel[j:j + _BLOCK], np.float32))
+        release([kernel[j:j + _BLOCK]])
         q = _qwix_quantize(jax.device_put(block, cpu), jax.device_put(scale[j:j + _BLOCK], cpu), qtype)
         out[j:j + _BLOCK] = np.asarray(q)
 
@@ -183,26 +185,7 @@ _qwix_scale = jax.jit(qwix._src.core.qarray.compute_scale_zero_point, static_arg
 
 
 # ------------------------------------------------------------------------------ the matmul
-_STREAM = contextvars.ContextVar("blip2_jax_quant_stream", default=None)
-STREAM_ROWS = 8        # at most this many rows (decoding at batch <= 8) take the streaming dot on CPU
-STREAM_CHUNK = 64      # output channels dequantized per loop step (fits in L2 with the input)
-
-
-@contextlib.contextmanager
-def streaming(enabled: bool | None):
-    """Whether few-row dots stream the weights chunk by chunk (default: on the CPU backend).
-    Planning for a TPU on a CPU host turns it off."""
-    token = _STREAM.set(enabled)
-    try:
-        yield
-    finally:
-        _STREAM.reset(token)
-
-
-def _streams(rows: int, out: int) -> bool:
-    on = _STREAM.get()
-    on = jax.default_backend() == "cpu" if on is None else on
-    return on and rows <= STREAM_ROWS and math.gcd(out, STREAM_CHUNK) >= 8
+streaming = streaming_lib.streaming  # the switch for few-row streaming products (models/streaming.py)
 
 
 def dense(x: jax.Array, kernel: qwix.QArray, dtype, precision=None) -> jax.Array:
@@ -211,31 +194,17 @@ def dense(x: jax.Array, kernel: qwix.QArray, dtype, precision=None) -> jax.Array
     Many rows (prefill, training, the image side): Qwix's dot (dequantize then dot; XLA fuses the
     dequantization into the matmul on TPU/GPU). A few rows on CPU (decoding): `streaming_dot`."""
     rows = int(np.prod(x.shape[:-1]))
-    if _streams(rows, kernel.qvalue.shape[-2]):
+    if kernel.qvalue.ndim == 2 and streaming_lib.applies(rows, kernel.qvalue.dtype):
         return streaming_dot(x, kernel).astype(dtype)
     dims = (((x.ndim - 1,), (kernel.qvalue.ndim - 1,)), ((), ()))
     return qwix.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision).astype(dtype)
 
 
 def streaming_dot(x: jax.Array, kernel: qwix.QArray) -> jax.Array:
-    """The decoding dot on CPU: a loop over chunks of output channels, each chunk of int8 rows
-    [chunk, in] converted to float32 while it is in cache and multiplied as a matrix-vector
-    product, so the weights are read once from memory at one byte per weight; the scale is
-    applied to the [rows, out] result. (XLA's CPU dot converts the whole operand first, and
-    its bfloat16 dot with one row is slow.) -> float32 [..., out]."""
-    q, scale = kernel.qvalue, kernel.scale
-    out, d_in = q.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in).astype(jnp.float32)
-    chunk = math.gcd(out, STREAM_CHUNK)
-    chunks = q.reshape(out // chunk, chunk, d_in)
-
-    def step(_, rows):
-        return None, jnp.dot(x2, rows.astype(jnp.float32).T)
-
-    _, y = jax.lax.scan(step, None, chunks)  # [out / chunk, rows, chunk]
-    y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], out) * scale[:, 0]
-    return y.reshape(lead + (out,))
+    """The decoding dot on CPU (`models/streaming.py`, shared with bfloat16 kernels): int8 rows
+    converted to float32 chunk by chunk while in cache, one byte per weight read from memory; the
+    scale applied to the result. -> float32 [..., out]."""
+    return streaming_lib.streaming_dot(x, kernel.qvalue, kernel.scale)
 
 
 # ------------------------------------------------------------------------------ trees

@@ -35,27 +35,9 @@ import optax
 import qwix
 from flax import traverse_util
 
-# ----------------------------------------------------------------------------------------------
-# The one table of what is frozen (read by the trainer, the transformers loader and the optimizer)
-# ----------------------------------------------------------------------------------------------
-# Paper §3.1: the image encoder and the LLM are frozen. ln_vision (the ViT's `post_layernorm`)
-# sits outside the frozen ViT in LAVIS and is trained with the Q-Former.
-FROZEN_TOWERS = ("vision_model", "language_model")
-TRAINED_IN_TOWERS = ("vision_model/post_layernorm",)
-# Norm parameters (kept float32 in frozen half-precision towers, never weight-decayed):
-# layer_norm1, post_layernorm, ln_vision, final_layer_norm, ...
-NORM_PATTERN = r"(?i)(norm|(^|/)ln(_|\d|/))"
-
-
-def frozen_patterns(towers: Sequence[str] = FROZEN_TOWERS, sep: str = "/") -> list[str]:
-    """Regexes of the frozen parameters of `towers`: '/'-joined paths of our params tree, or
-    (sep=".") transformers' tensor names. The `TRAINED_IN_TOWERS` exceptions are left out."""
-    out = []
-    for tower in towers:
-        inner = [t[len(tower) + 1:] for t in TRAINED_IN_TOWERS if t.startswith(tower + "/")]
-        skip = "".join(f"(?!{re.escape(t.replace('/', sep))}({re.escape(sep)}|$))" for t in inner)
-        out.append(f"^{re.escape(tower)}{re.escape(sep)}{skip}")
-    return out
+# The one table of what is frozen lives in frozen.py (re-exported here for the trainer).
+from blip2_jax import quant
+from blip2_jax.frozen import FROZEN_TOWERS, NORM_PATTERN, TRAINED_IN_TOWERS, frozen_patterns  # noqa: F401
 
 
 def trained_in_towers_pattern() -> str:
@@ -123,8 +105,6 @@ def split_and_cast(params: Mapping, config) -> tuple[dict, dict]:
     `config.frozen_patterns`, the frozen part cast to `config.model.frozen_param_dtype` and its
     kernels quantized by `config.model.quantize_frozen` ("int8": `blip2_jax/quant.py`; the
     frozen tree then holds int8 values and float32 scales, never differentiated)."""
-    from blip2_jax import quant
-
     trainable, frozen = split_params(params, list(config.frozen_patterns))
     frozen = cast_frozen(frozen, config.model.frozen_param_dtype)
     return trainable, quant.quantize_params(frozen, config.model.get("quantize_frozen", "none"))

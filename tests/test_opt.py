@@ -216,8 +216,8 @@ def test_converted_tree_matches_module_and_logical_axes(scan_layers):
     specs = nn.get_partition_spec(boxed)
     layers = specs["layers"] if scan_layers else specs["layers_0"]
     lead = ("layers",) if scan_layers else ()
-    assert tuple(layers["self_attn"]["q_proj"]["kernel"]) == lead + ("embed", "heads")
-    assert tuple(layers["fc2"]["kernel"]) == lead + ("mlp", "embed")
+    assert tuple(layers["self_attn"]["q_proj"]["kernel"]) == lead + ("heads", "embed")  # [out, in]
+    assert tuple(layers["fc2"]["kernel"]) == lead + ("embed", "mlp")
     assert tuple(specs["embed_tokens"]["embedding"]) == ("vocab", "embed")
 
 
@@ -268,7 +268,7 @@ def test_sharded_on_8_devices(golden):
         emb = jnp.zeros(ids.shape + (cfg.word_embed_proj_dim,))
         shard = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0), emb, mask,
                                                         mask), mesh)["params"]
-        assert tuple(shard["layers"]["self_attn"]["q_proj"]["kernel"].spec) == (None, "fsdp", "tensor")
+        assert tuple(shard["layers"]["self_attn"]["q_proj"]["kernel"].spec) == (None, "tensor", "fsdp")  # [out, in]
         params = jax.device_put(convert_opt.to_flax(sd, cfg, prefix=PREFIX), shard)
         cache = opt.init_cache(cfg, ids.shape[0], ids.shape[1] + 3)
         cache_mask = np.pad(mask, ((0, 0), (0, 3)))

@@ -215,8 +215,8 @@ def test_converted_tree_matches_module_and_logical_axes(name, scan_layers):
     specs = nn.get_partition_spec(boxed)
     dec = specs["decoder"]["layers"] if scan_layers else specs["decoder"]["layers_0"]
     lead = ("layers",) if scan_layers else ()
-    assert tuple(dec["cross_attn"]["q"]["kernel"]) == lead + ("embed", "heads")
-    assert tuple(dec["ff"]["wo"]["kernel"]) == lead + ("mlp", "embed")
+    assert tuple(dec["cross_attn"]["q"]["kernel"]) == lead + ("heads", "embed")  # [out, in]
+    assert tuple(dec["ff"]["wo"]["kernel"]) == lead + ("embed", "mlp")
     assert tuple(specs["encoder"]["relative_attention_bias"]["embedding"]) == ("relpos", "heads")
     assert tuple(specs["shared"]["embedding"]) == ("vocab", "embed")
     assert ("lm_head" in specs) == (name == "flan")
@@ -301,7 +301,7 @@ def test_golden_sharded_on_8_devices_with_cache(golden):
         emb = jnp.zeros(ids.shape + (cfg.d_model,))
         shard = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0), emb, mask, dec),
                                          mesh)["params"]
-        assert tuple(shard["decoder"]["layers"]["ff"]["wo"]["kernel"].spec) == (None, "tensor", "fsdp")
+        assert tuple(shard["decoder"]["layers"]["ff"]["wo"]["kernel"].spec) == (None, "fsdp", "tensor")  # [out, in]
         params = jax.device_put(convert_t5.to_flax(sd, cfg, prefix=PREFIX), shard)
         v = {"params": params}
         enc = jax.jit(functools.partial(model.apply, method="encode"))(

@@ -9,6 +9,7 @@ Logical axis names used on parameters (mapped to mesh axes by `blip2_jax.shardin
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax import quant
+from blip2_jax.models import streaming
 
 Dtype = Any
 Array = jax.Array
@@ -53,14 +55,34 @@ def logical(init: Callable, names: Sequence[str | None]) -> Callable:
     return nn.with_logical_partitioning(init, tuple(names))
 
 
+def linear(x: Array, kernel: Array, dtype: Dtype, transposed: bool = False,
+           out_dtype: Dtype | None = None) -> Array:
+    """x [..., in] times a kernel [in, out] (or [out, in] when `transposed`), computed in `dtype`
+    -> [..., out] in `out_dtype` (default `dtype`). A few rows against a half-precision [out, in]
+    kernel on CPU (decoding) stream it (`models/streaming.py`)."""
+    out_dtype = dtype if out_dtype is None else out_dtype
+    rows = math.prod(x.shape[:-1])
+    if transposed and kernel.ndim == 2 and streaming.applies(rows, kernel.dtype):
+        return streaming.streaming_dot(x.astype(dtype), kernel.astype(dtype)).astype(out_dtype)
+    dims = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision(dtype),
+                            preferred_element_type=None if out_dtype == dtype else out_dtype)
+    return y.astype(out_dtype)
+
+
 class Dense(nn.Module):
-    """y = x @ kernel + bias; kernel (in, out) annotated with `axes=(in_axis, out_axis)`."""
+    """y = x @ W + bias for W [in, out], annotated `axes=(in_axis, out_axis)`.
+
+    `transposed`: the kernel is stored [out, in], as torch's Linear stores it (names
+    `(out_axis, in_axis)`). The frozen towers (ViT, OPT, T5) use it: their checkpoints are read
+    without a transposition, and decoding streams each output channel's contiguous weights."""
     features: int
     axes: tuple[str | None, str | None] = ("embed", "mlp")
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.normal(0.02)
+    transposed: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -68,9 +90,11 @@ class Dense(nn.Module):
         if quant.is_quantized(stored):  # a frozen tower's int8/int4 kernel (blip2_jax/quant.py)
             y = quant.dense(x, stored, self.dtype, precision(self.dtype))
         else:
-            kernel = self.param("kernel", logical(self.kernel_init, self.axes),
-                                (x.shape[-1], self.features), self.param_dtype)
-            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=precision(self.dtype))
+            shape, names = (x.shape[-1], self.features), self.axes
+            if self.transposed:
+                shape, names = shape[::-1], names[::-1]
+            kernel = self.param("kernel", logical(self.kernel_init, names), shape, self.param_dtype)
+            y = linear(x, kernel, self.dtype, self.transposed)
         if self.use_bias:
             bias = self.param("bias", logical(nn.initializers.zeros, (self.axes[1],)),
                               (self.features,), self.param_dtype)

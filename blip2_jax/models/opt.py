@@ -8,11 +8,12 @@ only) and `__call__` (embeddings in) are separate. Decoding uses a preallocated 
 
 Param tree (scan_layers=True; with False, `layers_0`, `layers_1`, ... without the leading axis):
   embed_tokens/embedding [V, Dw]        embed_positions/embedding [P + 2, D]
-  project_in/kernel [Dw, D], project_out/kernel [D, Dw]   (only when Dw != D)
+  project_in/kernel [D, Dw], project_out/kernel [Dw, D]   (only when Dw != D)
   layers/{self_attn_layer_norm, final_layer_norm}/{scale, bias} [L, D]
   layers/self_attn/{q_proj, k_proj, v_proj, out_proj}/{kernel [L, D, D], bias [L, D]}
-  layers/fc1/{kernel [L, D, F], bias}   layers/fc2/{kernel [L, F, D], bias}
-  final_layer_norm/{scale, bias} (pre-LN only)     lm_head/kernel [Dw, V] (untied only)
+  layers/fc1/{kernel [L, F, D], bias}   layers/fc2/{kernel [L, D, F], bias}
+  final_layer_norm/{scale, bias} (pre-LN only)     lm_head/kernel [V, Dw] (untied only)
+Kernels are stored [out, in] as in the checkpoints (`layers.Dense(transposed=True)`).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ ACT = ("act_batch", "act_length", "act_embed")
 def _dense(cfg: OPTConfig, features: int, axes, name: str, dtype, param_dtype, bias: bool = True):
     return layers.Dense(features, axes=axes, use_bias=bias and cfg.enable_bias, dtype=dtype,
                         param_dtype=param_dtype, kernel_init=nn.initializers.normal(cfg.init_std),
-                        name=name)
+                        transposed=True, name=name)
 
 
 def _layer_norm(cfg: OPTConfig, name: str, dtype, param_dtype):
@@ -164,7 +165,7 @@ class OPTForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.Dense(cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
                                         dtype=self.dtype, param_dtype=self.param_dtype,
-                                        kernel_init=init)
+                                        kernel_init=init, transposed=True)
         block = remat(OPTDecoderLayer, self.remat_policy, self.scan_layers, static_argnums=(4,))
         if self.scan_layers:
             self.layers = nn.scan(
@@ -214,10 +215,8 @@ class OPTForCausalLM(nn.Module):
     def logits(self, hidden: Array) -> Array:
         """LM head: [..., Dw] -> float32 [..., V] (tied to embed_tokens unless configured not to)."""
         if self.config.tie_word_embeddings:
-            emb = self.embed_tokens.embedding.astype(self.dtype)
-            out = jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), emb,
-                             precision=layers.precision(self.dtype),
-                             preferred_element_type=jnp.float32)
+            out = layers.linear(hidden, self.embed_tokens.embedding, self.dtype, transposed=True,
+                                out_dtype=jnp.float32)
         else:
             out = self.lm_head(hidden).astype(jnp.float32)
         if out.ndim == 3:

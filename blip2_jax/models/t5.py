@@ -13,12 +13,13 @@ call with a cache (the prefill) also projects the encoder output once into
 them and may pass `encoder_hidden=None`.
 
 Param tree (scan_layers=True; with False, `layers_0`, ... without the leading axis):
-  shared/embedding [V, D]                         lm_head/kernel [D, V] (untied only)
+  shared/embedding [V, D]                         lm_head/kernel [V, D] (untied only)
   encoder/relative_attention_bias/embedding [buckets, H]     encoder/final_layer_norm/scale [D]
   encoder/layers/{self_attn_norm, ff_norm}/scale [L, D]
-  encoder/layers/self_attn/{q, k, v}/kernel [L, D, H*Dh], .../o/kernel [L, H*Dh, D]
-  encoder/layers/ff/{wi_0, wi_1}/kernel [L, D, F] (gated) or ff/wi/kernel, ff/wo/kernel [L, F, D]
+  encoder/layers/self_attn/{q, k, v}/kernel [L, H*Dh, D], .../o/kernel [L, D, H*Dh]
+  encoder/layers/ff/{wi_0, wi_1}/kernel [L, F, D] (gated) or ff/wi/kernel, ff/wo/kernel [L, D, F]
   decoder/...: the same plus layers/cross_attn_norm/scale and layers/cross_attn/{q, k, v, o}
+Kernels are stored [out, in] as in the checkpoints (`layers.Dense(transposed=True)`).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class T5Attention(nn.Module):
         cfg = self.config
         inner, f = cfg.num_heads * cfg.d_kv, cfg.initializer_factor
         dense = functools.partial(layers.Dense, use_bias=False, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+                                  param_dtype=self.param_dtype, transposed=True)
         init = nn.initializers.normal
         self.q = dense(inner, ("embed", "heads"), kernel_init=init(f * (cfg.d_model * cfg.d_kv) ** -0.5))
         self.k = dense(inner, ("embed", "heads"), kernel_init=init(f * cfg.d_model ** -0.5))
@@ -122,7 +123,7 @@ class T5FeedForward(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.config
         dense = functools.partial(layers.Dense, use_bias=False, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+                                  param_dtype=self.param_dtype, transposed=True)
         wi_init = nn.initializers.normal(cfg.initializer_factor * cfg.d_model ** -0.5)
         act = layers.activation(cfg.dense_act_fn)
         if cfg.is_gated_act:
@@ -303,7 +304,7 @@ class T5ForConditionalGeneration(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.Dense(cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
                                         dtype=self.dtype, param_dtype=self.param_dtype,
-                                        kernel_init=emb_init)
+                                        kernel_init=emb_init, transposed=True)
 
     def embed(self, input_ids: Array) -> Array:
         """[B, T] int -> [B, T, D] (the shared token embeddings)."""
@@ -324,9 +325,8 @@ class T5ForConditionalGeneration(nn.Module):
         if cfg.scale_decoder_outputs:
             hidden = hidden * cfg.d_model ** -0.5
         if cfg.tie_word_embeddings:
-            out = jnp.einsum("...d,vd->...v", hidden, self.shared.embedding.astype(self.dtype),
-                             precision=layers.precision(self.dtype),
-                             preferred_element_type=jnp.float32)
+            out = layers.linear(hidden, self.shared.embedding, self.dtype, transposed=True,
+                                out_dtype=jnp.float32)
         else:
             out = self.lm_head(hidden).astype(jnp.float32)
         if out.ndim == 3:

@@ -138,7 +138,7 @@ class VisionAttention(nn.Module):
     def __call__(self, x):
         cfg = self.config
         d, heads = cfg.hidden_size, cfg.num_attention_heads
-        dense = functools.partial(Dense, d, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, d, dtype=self.dtype, param_dtype=self.param_dtype, transposed=True)
         q = dense(axes=("embed", "heads"), use_bias=cfg.qkv_bias, name="query")(x)
         k = dense(axes=("embed", "heads"), use_bias=cfg.qkv_bias, name="key")(x)
         v = dense(axes=("embed", "heads"), use_bias=cfg.qkv_bias, name="value")(x)
@@ -160,10 +160,10 @@ class VisionBlock(nn.Module):
         x = constrain(x + h, ACT)
         h = norm(name="layer_norm2")(x)
         h = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="fc1")(h)
+                  transposed=True, name="fc1")(h)
         h = activation(cfg.hidden_act)(h)
         h = Dense(cfg.hidden_size, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="fc2")(h)
+                  transposed=True, name="fc2")(h)
         return constrain(x + h, ACT), None
 
 

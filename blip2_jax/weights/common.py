@@ -44,12 +44,18 @@ class Reader:
             raise TensorShapeError(key, f"checkpoint dtype {x.dtype} where a floating-point tensor is expected")
         return x
 
-    def dense(self, name: str, d_in: int, d_out: int, bias: bool = True) -> dict:
-        """torch Linear (out, in) -> our Dense {kernel (in, out), bias}."""
-        p = {"kernel": self.get(name + ".weight", (d_out, d_in)).T}
+    def dense(self, name: str, d_in: int, d_out: int, bias: bool = True, transposed: bool = False) -> dict:
+        """torch Linear (out, in) -> our Dense {kernel (in, out), bias}; with `transposed` the
+        kernel stays (out, in) (`layers.Dense(transposed=True)`: the frozen towers)."""
+        w = self.get(name + ".weight", (d_out, d_in))
+        p = {"kernel": w if transposed else w.T}
         if bias:
             p["bias"] = self.get(name + ".bias", (d_out,))
         return p
+
+    def linear(self, name: str, d_in: int, d_out: int, bias: bool = True) -> dict:
+        """torch Linear -> a `Dense(transposed=True)`'s {kernel (out, in), bias}, as stored."""
+        return self.dense(name, d_in, d_out, bias, transposed=True)
 
     def norm(self, name: str, d: int) -> dict:
         return {"scale": self.get(name + ".weight", (d,)), "bias": self.get(name + ".bias", (d,))}
@@ -88,10 +94,17 @@ def unstack_layers(tree: dict, n: int) -> list[dict]:
     return [jax.tree.map(lambda x: np.asarray(x)[i], tree) for i in range(n)]
 
 
-def dense_to_hf(params: Mapping, name: str, out: dict) -> None:
-    out[name + ".weight"] = np.asarray(params["kernel"]).T
+def dense_to_hf(params: Mapping, name: str, out: dict, transposed: bool = False) -> None:
+    """Our Dense -> torch Linear tensors (inverse of `Reader.dense`)."""
+    kernel = np.asarray(params["kernel"])
+    out[name + ".weight"] = kernel if transposed else kernel.T
     if "bias" in params:
         out[name + ".bias"] = np.asarray(params["bias"])
+
+
+def linear_to_hf(params: Mapping, name: str, out: dict) -> None:
+    """A `Dense(transposed=True)` -> torch Linear tensors (inverse of `Reader.linear`)."""
+    dense_to_hf(params, name, out, transposed=True)
 
 
 def norm_to_hf(params: Mapping, name: str, out: dict) -> None:

@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from blip2_jax.models.configs import OPTConfig
-from blip2_jax.weights.common import Reader, dense_to_hf, norm_to_hf, same_values, stack_layers, unstack_layers
+from blip2_jax.weights.common import Reader, linear_to_hf, norm_to_hf, same_values, stack_layers, unstack_layers
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -26,9 +26,9 @@ def _layer_to_flax(r: Reader, p: str, cfg: OPTConfig) -> dict:
     d, f = cfg.hidden_size, cfg.ffn_dim
     bias = cfg.enable_bias
     out = {
-        "self_attn": {n: r.dense(f"{p}self_attn.{n}", d, d, bias) for n in _ATTN},
-        "fc1": r.dense(p + "fc1", d, f, bias),
-        "fc2": r.dense(p + "fc2", f, d, bias),
+        "self_attn": {n: r.linear(f"{p}self_attn.{n}", d, d, bias) for n in _ATTN},
+        "fc1": r.linear(p + "fc1", d, f, bias),
+        "fc2": r.linear(p + "fc2", f, d, bias),
     }
     if cfg.layer_norm_elementwise_affine:
         out["self_attn_layer_norm"] = r.norm(p + "self_attn_layer_norm", d)
@@ -48,8 +48,8 @@ def to_flax(state_dict: Mapping[str, np.ndarray], cfg: OPTConfig, *, prefix: str
                                                (cfg.max_position_embeddings + 2, d))},
     }
     if dw != d:
-        params["project_in"] = r.dense(p + "project_in", dw, d, False)
-        params["project_out"] = r.dense(p + "project_out", d, dw, False)
+        params["project_in"] = r.linear(p + "project_in", dw, d, False)
+        params["project_out"] = r.linear(p + "project_out", d, dw, False)
     if cfg.do_layer_norm_before and cfg.layer_norm_elementwise_affine:
         params["final_layer_norm"] = r.norm(p + "final_layer_norm", d)
     if cfg.tie_word_embeddings:
@@ -58,7 +58,7 @@ def to_flax(state_dict: Mapping[str, np.ndarray], cfg: OPTConfig, *, prefix: str
             raise ValueError(f"{prefix}lm_head.weight differs from the token embeddings but the config "
                              "ties them; set tie_word_embeddings=False to load an untied head")
     else:
-        params["lm_head"] = r.dense("lm_head", dw, v, False)
+        params["lm_head"] = r.linear("lm_head", dw, v, False)
     layers = [_layer_to_flax(r, f"{p}layers.{i}.", cfg) for i in range(cfg.num_hidden_layers)]
     if scan_layers:
         params["layers"] = stack_layers(layers)
@@ -76,12 +76,12 @@ def to_hf(params: Mapping, cfg: OPTConfig, *, prefix: str = "") -> dict[str, np.
     out[p + "embed_tokens.weight"] = np.asarray(params["embed_tokens"]["embedding"])
     out[p + "embed_positions.weight"] = np.asarray(params["embed_positions"]["embedding"])
     if "project_in" in params:
-        dense_to_hf(params["project_in"], p + "project_in", out)
-        dense_to_hf(params["project_out"], p + "project_out", out)
+        linear_to_hf(params["project_in"], p + "project_in", out)
+        linear_to_hf(params["project_out"], p + "project_out", out)
     if "final_layer_norm" in params:
         norm_to_hf(params["final_layer_norm"], p + "final_layer_norm", out)
     if "lm_head" in params:
-        dense_to_hf(params["lm_head"], "lm_head", out)
+        linear_to_hf(params["lm_head"], "lm_head", out)
     if "layers" in params:
         layers = unstack_layers(params["layers"], cfg.num_hidden_layers)
     else:
@@ -89,9 +89,9 @@ def to_hf(params: Mapping, cfg: OPTConfig, *, prefix: str = "") -> dict[str, np.
     for i, layer in enumerate(layers):
         lp = f"{p}layers.{i}."
         for n in _ATTN:
-            dense_to_hf(layer["self_attn"][n], f"{lp}self_attn.{n}", out)
-        dense_to_hf(layer["fc1"], lp + "fc1", out)
-        dense_to_hf(layer["fc2"], lp + "fc2", out)
+            linear_to_hf(layer["self_attn"][n], f"{lp}self_attn.{n}", out)
+        linear_to_hf(layer["fc1"], lp + "fc1", out)
+        linear_to_hf(layer["fc2"], lp + "fc2", out)
         for n in ("self_attn_layer_norm", "final_layer_norm"):
             if n in layer:
                 norm_to_hf(layer[n], lp + n, out)

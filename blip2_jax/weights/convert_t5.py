@@ -39,16 +39,16 @@ def resolve_tied_head(state_dict: Mapping[str, np.ndarray], cfg: T5Config, *,
 
 def _attn_to_flax(r: Reader, p: str, cfg: T5Config) -> dict:
     d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
-    out = {n: {"kernel": r.get(f"{p}{n}.weight", (inner, d)).T} for n in ("q", "k", "v")}
-    out["o"] = {"kernel": r.get(p + "o.weight", (d, inner)).T}
+    out = {n: {"kernel": r.get(f"{p}{n}.weight", (inner, d))} for n in ("q", "k", "v")}
+    out["o"] = {"kernel": r.get(p + "o.weight", (d, inner))}
     return out
 
 
 def _ff_to_flax(r: Reader, p: str, cfg: T5Config) -> dict:
     d, f = cfg.d_model, cfg.d_ff
     names = ("wi_0", "wi_1") if cfg.is_gated_act else ("wi",)
-    out = {n: {"kernel": r.get(f"{p}{n}.weight", (f, d)).T} for n in names}
-    out["wo"] = {"kernel": r.get(p + "wo.weight", (d, f)).T}
+    out = {n: {"kernel": r.get(f"{p}{n}.weight", (f, d))} for n in names}
+    out["wo"] = {"kernel": r.get(p + "wo.weight", (d, f))}
     return out
 
 
@@ -107,14 +107,14 @@ def to_flax(state_dict: Mapping[str, np.ndarray], cfg: T5Config, *, prefix: str 
             raise ValueError(f"{prefix}lm_head.weight differs from {prefix}shared.weight but the config "
                              "ties them; use resolve_tied_head (or tie_word_embeddings=False)")
     else:
-        params["lm_head"] = {"kernel": r.get("lm_head.weight", (v, d)).T}
+        params["lm_head"] = {"kernel": r.get("lm_head.weight", (v, d))}
     r.check()
     return params
 
 
 def _attn_to_hf(params: Mapping, p: str, out: dict) -> None:
     for n in _QKVO:
-        out[f"{p}{n}.weight"] = np.asarray(params[n]["kernel"]).T
+        out[f"{p}{n}.weight"] = np.asarray(params[n]["kernel"])
 
 
 def _stack_to_hf(params: Mapping, stack: str, cfg: T5Config, out: dict) -> None:
@@ -137,7 +137,7 @@ def _stack_to_hf(params: Mapping, stack: str, cfg: T5Config, out: dict) -> None:
         ff = p + ("2." if decoder else "1.")
         out[ff + "layer_norm.weight"] = np.asarray(layer["ff_norm"]["scale"])
         for name, w in layer["ff"].items():
-            out[f"{ff}DenseReluDense.{name}.weight"] = np.asarray(w["kernel"]).T
+            out[f"{ff}DenseReluDense.{name}.weight"] = np.asarray(w["kernel"])
 
 
 def to_hf(params: Mapping, cfg: T5Config, *, prefix: str = "") -> dict[str, np.ndarray]:
@@ -145,7 +145,7 @@ def to_hf(params: Mapping, cfg: T5Config, *, prefix: str = "") -> dict[str, np.n
     of `to_flax`; `lm_head.weight` only when untied, as transformers 5 saves)."""
     out = {"shared.weight": np.asarray(params["shared"]["embedding"])}
     if "lm_head" in params:
-        out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+        out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"])
     _stack_to_hf(params["encoder"], "encoder", cfg, out)
     _stack_to_hf(params["decoder"], "decoder", cfg, out)
     return {prefix + k: v for k, v in out.items()}

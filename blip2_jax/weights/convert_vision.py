@@ -25,7 +25,7 @@ import numpy as np
 from blip2_jax.models.configs import VisionConfig
 
 
-from blip2_jax.weights.common import Reader, dense_to_hf, norm_to_hf, stack_layers, unstack_layers  # noqa: F401
+from blip2_jax.weights.common import Reader, dense_to_hf, linear_to_hf, norm_to_hf, stack_layers, unstack_layers  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------
 # Vision towers
@@ -36,21 +36,21 @@ def _block_to_flax(r: Reader, p: str, cfg: VisionConfig) -> dict:
     d = cfg.hidden_size
     if cfg.kind == "eva":
         qkv = r.get(p + "self_attn.qkv.weight", (3 * d, d))
-        attn = {"query": {"kernel": qkv[:d].T}, "key": {"kernel": qkv[d:2 * d].T},
-                "value": {"kernel": qkv[2 * d:].T}, "out": r.dense(p + "self_attn.projection", d, d)}
+        attn = {"query": {"kernel": qkv[:d]}, "key": {"kernel": qkv[d:2 * d]},
+                "value": {"kernel": qkv[2 * d:]}, "out": r.linear(p + "self_attn.projection", d, d)}
         if cfg.qkv_bias:
             bias = r.get(p + "self_attn.qkv.bias", (3 * d,))
             attn["query"]["bias"], attn["key"]["bias"], attn["value"]["bias"] = bias[:d], bias[d:2 * d], bias[2 * d:]
     else:
-        attn = {name: r.dense(f"{p}self_attn.{hf}", d, d)
+        attn = {name: r.linear(f"{p}self_attn.{hf}", d, d)
                 for name, hf in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
                                  ("out", "out_proj"))}
     return {
         "layer_norm1": r.norm(p + "layer_norm1", d),
         "self_attn": attn,
         "layer_norm2": r.norm(p + "layer_norm2", d),
-        "fc1": r.dense(p + "mlp.fc1", d, cfg.intermediate_size),
-        "fc2": r.dense(p + "mlp.fc2", cfg.intermediate_size, d),
+        "fc1": r.linear(p + "mlp.fc1", d, cfg.intermediate_size),
+        "fc2": r.linear(p + "mlp.fc2", cfg.intermediate_size, d),
     }
 
 
@@ -98,18 +98,18 @@ def _block_to_hf(layer: dict, p: str, cfg: VisionConfig, out: dict) -> None:
     attn = layer["self_attn"]
     if cfg.kind == "eva":
         out[p + "self_attn.qkv.weight"] = np.concatenate(
-            [np.asarray(attn[n]["kernel"]).T for n in ("query", "key", "value")], axis=0)
+            [np.asarray(attn[n]["kernel"]) for n in ("query", "key", "value")], axis=0)
         if cfg.qkv_bias:
             out[p + "self_attn.qkv.bias"] = np.concatenate(
                 [np.asarray(attn[n]["bias"]) for n in ("query", "key", "value")])
-        dense_to_hf(attn["out"], p + "self_attn.projection", out)
+        linear_to_hf(attn["out"], p + "self_attn.projection", out)
     else:
         for name, hf in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "out_proj")):
-            dense_to_hf(attn[name], f"{p}self_attn.{hf}", out)
+            linear_to_hf(attn[name], f"{p}self_attn.{hf}", out)
     norm_to_hf(layer["layer_norm1"], p + "layer_norm1", out)
     norm_to_hf(layer["layer_norm2"], p + "layer_norm2", out)
-    dense_to_hf(layer["fc1"], p + "mlp.fc1", out)
-    dense_to_hf(layer["fc2"], p + "mlp.fc2", out)
+    linear_to_hf(layer["fc1"], p + "mlp.fc1", out)
+    linear_to_hf(layer["fc2"], p + "mlp.fc2", out)
 
 
 def to_hf(params: Mapping, cfg: VisionConfig, *, prefix: str = "",

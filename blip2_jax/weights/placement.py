@@ -185,7 +185,7 @@ class Quantized(NamedTuple):
 
 def place_quantized(leaf, sh, qtype, release: Release):
     """A kernel -> `qwix.QArray` placed with `sh` (a QArray of shardings, `quant.shard_like`).
-    A float view [in, out] (or LayerStack) is quantized here on the host, a block of output
+    A float view [out, in] (or LayerStack) is quantized here on the host, a block of output
     channels at a time (`quant.host_quantize`: Qwix's numerics); a `Quantized` leaf is copied."""
     import qwix
     stored = isinstance(leaf, Quantized)
@@ -198,21 +198,20 @@ def place_quantized(leaf, sh, qtype, release: Release):
     else:
         scales = []
         for k in kernels:  # one pass over each layer for its scales, its pages released after it
-            scales.append(quant.host_scale(k, qtype))
-            release([k])
+            scales.append(quant.host_scale(k, qtype, release))
     lead = () if layers is None else (len(kernels),)
     d_out = scales[0].shape[0]
-    d_in = kernels[0].shape[-1] if stored else kernels[0].shape[0]
+    d_in = kernels[0].shape[-1]
     host_dtype = quant.HOST_QTYPES[quant.mode_of_qtype(qtype)]
 
     def one(k, scale, rows, cols, out):
         if stored:
             copy_into(out, np.asarray(k[rows, cols]))
         elif cols == slice(0, d_in):
-            quant.host_quantize(k[:, rows], scale[rows], qtype, out)
+            quant.host_quantize(k[rows], scale[rows], qtype, out, release)
         else:  # the input axis is split too: quantize whole channels, keep this shard's inputs
             full = np.empty((rows.stop - rows.start, d_in), host_dtype)
-            quant.host_quantize(k[:, rows], scale[rows], qtype, full)
+            quant.host_quantize(k[rows], scale[rows], qtype, full, release)
             out[...] = full[:, cols]
         release([k])
 
@@ -237,11 +236,25 @@ def _full(index: slice, n: int) -> slice:
     return slice(start, stop)
 
 
+def _copy_releasing(out: np.ndarray, src: np.ndarray, release: Release, block_bytes: int = 4 << 20) -> None:
+    """out[...] = src; a C-contiguous source is copied in blocks of rows, each block's pages
+    released once copied (so one large tensor's file pages are never all resident at once)."""
+    if src.ndim == 0 or not src.flags.c_contiguous:
+        copy_into(out, src)
+        return
+    step = max(1, block_bytes // max(1, src[:1].nbytes))
+    for i in range(0, src.shape[0], step):
+        copy_into(out[i:i + step], src[i:i + step])
+        release([src[i:i + step]])
+
+
 def _host_shard(leaf, dtype, release: Release, index: tuple) -> np.ndarray:
     """The part `index` (a tuple of slices) of a leaf, as a fresh aligned host array in `dtype`;
     the file pages it was copied from are released at once (layer by layer for a stack)."""
     if not isinstance(leaf, LayerStack):
-        out = host_copy(np.asarray(leaf[index]), dtype)
+        src = np.asarray(leaf[index])
+        out = aligned_empty(tuple(src.shape), dtype)
+        _copy_releasing(out, src, release)
         release([leaf])
         return out
     rows = range(len(leaf.layers))[index[0]]

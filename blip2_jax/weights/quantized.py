@@ -142,7 +142,7 @@ def lazy_quantized_params(sd, cfg, mode: str, convert, where: str) -> dict:
         if is_int8 != (quant.qtype_of(path, mode) is not None):
             wrong.append((path, is_int8))
         elif is_int8:
-            out[path] = placement.Quantized(leaf.T, scales[path].T[:, :1])
+            out[path] = placement.Quantized(leaf, scales[path][:, :1])
         else:
             out[path] = leaf
     if wrong:
@@ -167,9 +167,8 @@ def state_dict(params: Mapping, cfg, mode: str, to_hf) -> dict[str, np.ndarray]:
         if quant.is_quantized(leaf):
             qv = np.asarray(leaf.qvalue)
             qv = qv.astype(np.int8) if qv.dtype != np.int8 else qv  # int4: one value per byte
-            values[path] = np.swapaxes(qv, -1, -2)
-            sc = np.swapaxes(np.asarray(leaf.scale, np.float32), -1, -2)
-            scales[path] = np.broadcast_to(sc, values[path].shape)
+            values[path] = qv
+            scales[path] = np.broadcast_to(np.asarray(leaf.scale, np.float32), qv.shape)
         else:
             values[path] = scales[path] = np.asarray(leaf)
     sd_values = to_hf(placement.unflatten(values))

@@ -1,0 +1,97 @@
+"""Decoding's few-row matrix products on CPU, streaming the weights.
+
+Decoding at batch 1 multiplies one row by every matrix of the language model, so a step costs
+the weights' bytes over the memory bandwidth. XLA's CPU dot does not get there with a bfloat16
+(or int8) weight and one row: the optimized HLO converts the whole matrix to float32 first
+(`wrapped_convert`), then runs a float32 matrix-vector product (about 0.5 GB/s of weights, and a
+float32 temporary the size of the matrix). With two rows or more its dot reads bfloat16 as it is.
+
+`streaming_dot` takes a weight stored [out, in] (torch's Linear layout, the frozen towers'
+layout: `layers.Dense(transposed=True)`, and Qwix's int8 values) and loops (`lax.scan`) over
+chunks of output channels; within a chunk, each row of x and each block of fewer than 4096
+inputs is one matrix-vector `dot`, which XLA's CPU backend fuses with the chunk's conversion to
+float32 (it fuses a dot into its operands' loop when the vector is under 16 KiB), so each
+weight is converted in registers as it streams past. Measured on full-size OPT-2.7B layers:
+about the machine's read bandwidth, against 0.3-0.5 GB/s for the plain dot.
+
+The chunk loop needs the weight as an operand of its own (a layer scanned by `nn.scan` is
+copied out of the stack first), which is one reason CPU inference unrolls the layers.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+CHUNK_BYTES = 128 * 1024   # weights per loop step: in L2 with the input rows
+VECTOR_BYTES = 16 * 1024   # XLA CPU fuses a matrix-vector dot into its operands below this
+FLOAT_ROWS = 1             # bfloat16 weights: XLA's dot reads 2+ rows without converting the weight
+QUANTIZED_ROWS = 4         # int8 / int4: Qwix's dot dequantizes the whole weight first
+
+_ENABLED = contextvars.ContextVar("blip2_jax_streaming", default=None)
+
+
+@contextlib.contextmanager
+def streaming(enabled: bool | None):
+    """Whether few-row products stream their weights (None, the default: on the CPU backend).
+    Planning for a TPU on a CPU host turns it off."""
+    token = _ENABLED.set(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def applies(rows: int, weight_dtype) -> bool:
+    """Whether a product of `rows` rows with a weight of `weight_dtype` streams (float32
+    weights never need to: XLA's float32 matrix-vector product reads them as they are)."""
+    on = _ENABLED.get()
+    on = jax.default_backend() == "cpu" if on is None else on
+    dt = np.dtype(weight_dtype)
+    if not on or dt == np.float32:
+        return False
+    return rows <= (FLOAT_ROWS if jnp.issubdtype(dt, jnp.floating) else QUANTIZED_ROWS)
+
+
+def _input_blocks(d_in: int) -> int:
+    """The fewest equal blocks of the input axis whose float32 vector XLA still fuses."""
+    return next(n for n in range(1, d_in + 1) if d_in % n == 0 and (d_in // n) * 4 < VECTOR_BYTES)
+
+
+def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ w.T for w [out, in] (any float or integer dtype), times `scale` [out, 1]
+    per output channel when given (int8 / int4 weights) -> float32 [..., out]."""
+    out, d_in = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in).astype(F32)
+    rows = x2.shape[0]
+    nb = _input_blocks(d_in)
+    ib = d_in // nb
+    chunk = min(out, max(8, CHUNK_BYTES // (d_in * np.dtype(w.dtype).itemsize)))
+    xb = x2.reshape(rows * nb, ib)  # (row, input block) pairs
+
+    def product(w_chunk):  # [chunk, in] -> [rows, chunk]
+        if rows * nb == 1:
+            return jnp.dot(x2, w_chunk.astype(F32).T)
+
+        def one(_, i):  # a loop (not unrolled dots) keeps each dot fused with its conversion
+            xv = jax.lax.dynamic_slice_in_dim(xb, i, 1, axis=0)
+            wk = jax.lax.dynamic_slice_in_dim(w_chunk, (i % nb) * ib, ib, axis=1)
+            return None, jnp.dot(xv, wk.astype(F32).T)[0]
+
+        _, y = jax.lax.scan(one, None, jnp.arange(rows * nb))
+        return y.reshape(rows, nb, chunk).sum(axis=1)
+
+    def step(y, j):
+        start = jnp.minimum(j * chunk, out - chunk)  # the last chunk may overlap the one before
+        w_chunk = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(y, product(w_chunk), start, axis=1), None
+
+    y, _ = jax.lax.scan(step, jnp.zeros((rows, out), F32), jnp.arange(-(-out // chunk)))
+    if scale is not None:
+        y = y * scale[:, 0].astype(F32)
+    return y.reshape(lead + (out,))

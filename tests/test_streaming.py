@@ -1,0 +1,48 @@
+"""models/streaming.py: the few-row CPU product that streams [out, in] weights."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blip2_jax.models import layers, streaming
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("shape", [(40, 24), (300, 5000), (9, 8192)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int8])
+def test_streaming_dot_equals_the_plain_product(rows, shape, dtype):
+    """Every output channel (a last chunk that overlaps the one before, input blocks split
+    under the fused-vector limit) equals x @ w.T in float32, scaled per channel when given."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(shape) * (20 if dtype == jnp.int8 else 1)
+    w = jnp.asarray(np.clip(w, -127, 127)).astype(dtype)
+    x = jnp.asarray(rng.standard_normal((rows, shape[1])), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 2, (shape[0], 1)), jnp.float32) if dtype == jnp.int8 else None
+    got = jax.jit(streaming.streaming_dot)(x, w, scale)
+    want = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+    if scale is not None:
+        want = want * np.asarray(scale)[:, 0]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+def test_dense_streams_one_bfloat16_row_on_cpu_only_when_asked():
+    """layers.linear takes the loop for one row against a bfloat16 [out, in] kernel (CPU
+    default), the plain dot for 2+ rows, float32 weights, [in, out] kernels, or streaming off;
+    both paths give the same numbers."""
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+    x1, x2 = (jnp.asarray(rng.standard_normal((1, r, 32)), jnp.bfloat16) for r in (1, 2))
+
+    def hlo(x, kernel, transposed=True):
+        return jax.jit(lambda a: layers.linear(a, kernel, jnp.bfloat16, transposed)).lower(x).as_text()
+
+    with streaming.streaming(True):
+        assert "while" in hlo(x1, w)
+        assert "while" not in hlo(x2, w)
+        assert "while" not in hlo(x1, w.astype(jnp.float32))
+        assert "while" not in hlo(x1, w.T, transposed=False)
+        on = layers.linear(x1, w, jnp.float32, True)
+    with streaming.streaming(False):
+        assert "while" not in hlo(x1, w)
+        off = layers.linear(x1, w, jnp.float32, True)
+    np.testing.assert_allclose(np.asarray(on), np.asarray(off), rtol=1e-5, atol=1e-5)
