@@ -78,14 +78,47 @@ def test_deterministic_and_disjoint():
 @pytest.mark.slow
 def test_builds_in_seconds_and_reads_back(tmp_path):
     start = time.perf_counter()
-    b = builders.prepare_dataset("synthetic_shapes", tmp_path)  # the default size
+    b = builders.prepare_dataset("synthetic_shapes", tmp_path)  # the default (the miniature's)
     seconds = time.perf_counter() - start
     assert seconds < 60, seconds
     assert {k: v.num_examples for k, v in b.info.splits.items()} == {
-        "train": 2000, "validation": 250, "test": 250}
+        "train": 4000, "validation": 250, "test": 250}
     src = tfds.data_source("synthetic_shapes", split="validation", data_dir=str(tmp_path),
                            decoders={"image": tfds.decode.SkipDecoding()})
     rec = src[0]
-    assert Image.open(io.BytesIO(rec["image"])).size == (80, 80)
+    assert Image.open(io.BytesIO(rec["image"])).size == (48, 48)
     assert len(rec["captions"]) >= 4 and len(rec["qa_questions"]) == len(rec["qa_answers"])
     assert set(rec["objects"]) >= {"shape", "colour", "x", "y", "row", "col"}
+
+
+def test_the_default_look():
+    """The miniature's corpus: 1-2 upright shapes near their cell's centre, no black, dark
+    backgrounds, and a last caption that names every object's size, colour, shape and place."""
+    cfg = ss.CONFIGS[0]
+    assert cfg.name == "default"
+    splits = ss.assign_splits(ss.SyntheticShapesConfig(
+        name="x", num_train=300, num_validation=0, num_test=0, colours=cfg.colours,
+        background_range=cfg.background_range, jitter=cfg.jitter, max_angle=cfg.max_angle,
+        full_caption=True, max_objects=cfg.max_objects))
+    counts = set()
+    for index, scene in splits["train"]:
+        objs = scene["objects"]
+        counts.add(len(objs))
+        assert all(o["colour"] != "black" and o["angle"] == 0.0 for o in objs)
+        assert all(abs(o["dx"]) <= cfg.jitter and abs(o["dy"]) <= cfg.jitter for o in objs)
+        assert all(20 <= v < 90 for v in scene["background_rgb"])
+        full = ss.captions_for(scene, full=True)[-1]
+        for o in objs:
+            assert f"{o['size']} {o['colour']} {o['shape']} {ss._place(o)}" in full
+        for q, a, t in ss.questions_for(scene, np.random.default_rng(index), cfg.colours):
+            if q.startswith("is there a") and len(q.split()) == 5:  # "is there a <colour> <shape>?"
+                assert q.split()[3] in cfg.colours
+    assert counts == {1, 2}
+
+
+def test_full_caption_of_a_known_scene():
+    scene = _scene({"shape": "circle", "colour": "red", "row": 0, "col": 0},
+                   {"shape": "square", "colour": "blue", "row": 1, "col": 1, "size": "small"})
+    assert ss.captions_for(scene, full=True)[-1] == \
+        "a large red circle at the top left and a small blue square in the center"
+    assert len(ss.captions_for(scene)) == len(ss.captions_for(scene, full=True)) - 1

@@ -1,4 +1,5 @@
-"""`python -m blip2_jax.miniature`: see pipeline.py."""
-from blip2_jax.miniature.pipeline import main
+"""`python -m blip2_jax.miniature`: see pipeline.py (the phases) and runner.py (their order)."""
+from blip2_jax.miniature.runner import main
 
-main()
+if __name__ == "__main__":  # not in the second lane's process, which imports this module
+    main()

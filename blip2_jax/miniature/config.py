@@ -1,42 +1,53 @@
 r"""The miniature BLIP-2 pipeline (`python -m blip2_jax.miniature`): every phase's settings.
 
-`configs/tiny/miniature.py` exposes this `get_config` to the trainer's command line:
+`configs/tiny/miniature.py` exposes this `get_config` to the trainer's command line (W = the
+pipeline's workdir, S = the seed; the pipeline prints these commands):
 
-  python -m blip2_jax.main --config=configs/tiny/miniature.py:stage1,towers=W/towers \
-      --workdir=W/stage1
-  python -m blip2_jax.main --config=configs/tiny/miniature.py:stage2,towers=W/towers,stage1=W/stage1 \
-      --workdir=W/stage2
-  python -m blip2_jax.main --config=configs/tiny/miniature.py:stage2_no_stage1,towers=W/towers \
-      --workdir=W/stage2_no_stage1
+  python -m blip2_jax.main --config=configs/tiny/miniature.py:stage1,towers=W/towers,run=W/seed_S,seed=S \
+      --workdir=W/seed_S/stage1
+  python -m blip2_jax.main --config=configs/tiny/miniature.py:stage2,towers=W/towers,run=W/seed_S,seed=S \
+      --workdir=W/seed_S/stage2
+  python -m blip2_jax.main --config=configs/tiny/miniature.py:stage2_no_stage1,towers=W/towers,run=W/seed_S,seed=S \
+      --workdir=W/seed_S/stage2_no_stage1
 
-Argument: `<phase>[,key=value...]`. Phases: `unimodal` (the towers' pretraining, unimodal.py), `stage1`, `stage2`, `stage2_no_stage1` (the paper's Fig. 5 ablation: a random
-Q-Former straight into stage 2, same stage-2 steps), `eval` (the zero-shot evaluations).
-Keys: towers (the directory `unimodal` wrote: vision/, opt/, qformer_tokenizer/), stage1 (the
-stage-1 workdir), data_dir (TFDS folder), fast (1: the shortened pipeline of the tests), seed
-(default 0: the towers' and the Q-Former's initialisation, data order).
+Argument: `<phase>[,key=value...]`. Phases: `unimodal` (the towers' pretraining, unimodal.py),
+`stage1`, `stage2`, `stage2_no_stage1` (the paper's Fig. 5 ablation: a random Q-Former straight
+into stage 2, same stage-2 steps), `eval` (the zero-shot evaluations).
+Keys: towers (the directory `unimodal` wrote: vision/, opt/, qformer_tokenizer/), run (one
+seed's folder: start/ holds the Q-Former's random draw, stage1/ the stage-1 workdir), data_dir
+(TFDS folder), fast (1: the shortened pipeline of the tests), seed (default 0: the Q-Former's
+initialisation and the data order of stages 1 and 2; the towers always use seed 0).
 
-The models are the tiny ones of tiny.py with one change: both
-text vocabularies are the synthetic corpus's words (at most `VOCAB` entries, built by
-unimodal.py from the training split) instead of BERT's 30k WordPiece and GPT-2's 50k BPE; with
-64-wide models those output layers were 80-95% of every step's time.
+The models are the tiny ones of tiny.py with two changes: the image tower reads 48 px images
+(one 16 px patch per cell of the scenes' 3x3 grid), and both text vocabularies are the corpus's
+words (at most `VOCAB` entries, built by unimodal.py from the training split) instead of BERT's
+30k WordPiece and GPT-2's 50k BPE; with 64-wide models those output layers were 80-95% of every
+step's time.
 """
 import ml_collections
 
 from blip2_jax import config_lib
 from blip2_jax.miniature import tiny
 
-VOCAB = 256          # capacity of both word-level vocabularies (the corpus has ~160 words)
+DESIGN = 3           # bumped when what the phases compute changes: older workdirs are refused
+VOCAB = 256          # capacity of both word-level vocabularies (the corpus has ~100 words)
 LM_IDS = dict(bos_token_id=2, pad_token_id=1, eos_token_id=4)  # unimodal.LM_SPECIALS: </s>, <pad>, "\n"
-DATASET = "synthetic_shapes"  # default config: 2000 / 250 / 250 scenes, 80 px (resized to 64)
+DATASET = "synthetic_shapes"  # default config: 4000 / 250 / 250 scenes, 48 px, 1-2 shapes
+VISION = dict(tiny.TINY_VISION, image_size=48, patch_size=16)
+LM = dict(tiny.TINY_OPT, vocab_size=VOCAB, init_std=0.1, **LM_IDS)
+QUERIES = 8
+QFORMER_LAYERS = 4   # tiny.TINY_QFORMER has 2: too few for ITM to learn hard negatives
+TEXT_LEN = 24        # Q-Former tokens: the full scene description is up to ~20
+LLM_LEN = 28         # LM tokens after the soft prompt: BOS + caption + "\n"
 
 # phase -> (steps, fast steps)
-STEPS = {"vision": (300, 200), "lm": (1000, 300), "stage1": (400, 150), "stage2": (600, 150)}
+STEPS = {"vision": (1000, 600), "lm": (1500, 600), "stage1": (600, 200), "stage2": (600, 200)}
 
 
 def _args(arg: str) -> tuple[str, dict]:
     phase, *rest = [a for a in (arg or "").split(",") if a]
     kv = dict(item.split("=", 1) for item in rest)
-    unknown = set(kv) - {"towers", "stage1", "data_dir", "fast", "seed"}
+    unknown = set(kv) - {"towers", "run", "data_dir", "fast", "seed"}
     if unknown:
         raise ValueError(f"miniature config: unknown key(s) {sorted(unknown)}")
     return phase, kv
@@ -49,10 +60,15 @@ def _steps(name: str, fast: bool) -> int:
 def _train_common(c, kv: dict, fast: bool, steps: int):
     """Shared by the trainer's phases: tiny model, word vocabularies, data, schedule."""
     towers = kv.get("towers", "")
-    c.model.qformer = dict(c.model.qformer, vocab_size=VOCAB)
+    c.model.vision = dict(VISION)
+    c.model.qformer = dict(c.model.qformer, vocab_size=VOCAB, num_hidden_layers=QFORMER_LAYERS)
+    c.model.num_query_tokens = QUERIES
     c.input.qformer_tokenizer = f"{towers}/qformer_tokenizer" if towers else ""
     c.input.data_dir = kv.get("data_dir") or None
     c.input.dataset = DATASET
+    c.input.image_size = VISION["image_size"]
+    c.input.max_text_len = TEXT_LEN
+    c.input.max_llm_len = LLM_LEN
     c.input.batch_size = 32       # ITC/ITM negatives come from the batch
     c.input.augment = False       # crops and flips would falsify "left of" / "top right" captions
     c.init.vision_dir = f"{towers}/vision" if towers else ""
@@ -77,7 +93,7 @@ def _stage1(kv, fast):
     # The pretrained ViT and a random Q-Former, drawn once at the tiny width's scale and shared
     # with the ablation (pipeline.write_qformer_start).
     c.init.source = "hf"
-    c.init.hf_dir = f"{kv.get('towers', '')}/start_stage1"
+    c.init.hf_dir = f"{kv.get('run', '')}/start/stage1"
     c.init.bert = ""
     return c
 
@@ -92,39 +108,43 @@ def _stage2(kv, fast, from_stage1: bool):
     # The pretrained LM's own tokenizer; ids as unimodal.py lays them out (OPT's convention:
     # </s> is BOS, captions end with "\n").
     c.input.llm_tokenizer = f"{towers}/opt" if towers else ""
-    c.model.text = dict(c.model.text, vocab_size=VOCAB, **LM_IDS)
+    c.model.text = dict(LM)
     c.init.llm_dir = f"{towers}/opt" if towers else ""
     c.init.bert = ""
     if from_stage1:
         c.init.source = "stage1"
-        c.init.stage1_workdir = kv.get("stage1", "")
+        c.init.stage1_workdir = f"{kv.get('run', '')}/stage1"
     else:  # ablation: the towers and the very Q-Former draw stage 1 started from
         c.init.source = "hf"
-        c.init.hf_dir = f"{towers}/start_opt"
+        c.init.hf_dir = f"{kv.get('run', '')}/start/opt"
     return c
 
 
 def _unimodal(kv, fast):
-    """The towers' pretraining (unimodal.py): each on its own modality only."""
+    """The towers' pretraining (unimodal.py): each on its own modality only. Always seed 0: the
+    frozen towers are given, as the paper's EVA-CLIP and OPT are; the seeds vary what BLIP-2
+    trains (kv["seed"] only sets the Q-Former draw, `qformer_seed`)."""
     c = ml_collections.ConfigDict()
-    c.seed = int(kv.get("seed", 0))
+    c.seed = 0
+    c.qformer_seed = int(kv.get("seed", 0))
     c.data_dir = kv.get("data_dir") or None
     c.dataset = DATASET
     c.vocab_size = VOCAB
     # Std of the Q-Former's random matrices: 1/sqrt(width). The model's built-in 0.02 is
-    # BERT-base's (width 768); at width 64 it stalls stage 1 (miniature.write_qformer_start).
+    # BERT-base's (width 768); at width 64 it stalls stage 1 (pipeline.write_qformer_start).
     c.qformer_init_std = 0.125
-    c.vision = dict(tiny.TINY_VISION)
+    c.vision = dict(VISION)
     # init_std 0.1 ~ 1/sqrt(width): with 0.02 the 64-wide LM learns to read its context slowly
-    c.text = dict(tiny.TINY_OPT, vocab_size=VOCAB, init_std=0.1, **LM_IDS)
+    c.text = dict(LM)
     c.vision_train = ml_collections.ConfigDict(dict(
         steps=_steps("vision", fast), batch_size=64, flip=True))
     c.vision_train.optim = _optim(_steps("vision", fast), peak_lr=2e-3)
     c.lm_train = ml_collections.ConfigDict(dict(
-        steps=_steps("lm", fast), batch_size=32, max_len=64,
-        # document kinds (unimodal.lm_document): caption; question-answer; a caption, then another
-        # caption of the same scene; a caption, then a question about it and its answer.
-        mix=dict(caption=0.1, qa=0.1, caption_caption=0.2, caption_qa=0.6)))
+        steps=_steps("lm", fast), batch_size=32, max_len=64, max_questions=5,
+        # document kinds (unimodal.lm_document): a caption; the scene's full description, then
+        # another caption of it; the full description, then questions about the scene and their
+        # answers. Stage 2 makes the soft prompt stand where the description stands here.
+        mix=dict(caption=0.1, description_caption=0.2, description_qa=0.7)))
     c.lm_train.optim = _optim(_steps("lm", fast), peak_lr=3e-3)
     return c
 
@@ -143,15 +163,16 @@ def _eval(kv, fast):
     """Zero-shot evaluation on held-out scenes (the test split): overrides of
     tiny.eval_config per evaluator type."""
     split = "test[:64]" if fast else "test"
-    common = dict(input=dict(split=split, data_dir=kv.get("data_dir") or None, batch_size=32),
+    common = dict(input=dict(split=split, dataset=DATASET, image_size=VISION["image_size"],
+                             data_dir=kv.get("data_dir") or None, batch_size=32),
                   progress=False)
     c = ml_collections.ConfigDict()
-    c.caption = dict(common, generation=dict(num_beams=5, max_new_tokens=20, min_new_tokens=1),
+    c.caption = dict(common, generation=dict(num_beams=5, max_new_tokens=LLM_LEN - 4, min_new_tokens=1),
                      spice=False)
     # OPT's zero-shot VQA protocol (beam 5, at most 10 new tokens, length penalty 0)
     c.vqa = dict(common, prompt="Question: {} Answer:")
     # Re-rank the ITC top 16 with ITM (the paper's k=128 needs more candidates than 250 images).
-    c.retrieval = dict(common, k=16, itm_rows_per_call=32, max_text_len=24)
+    c.retrieval = dict(common, k=16, itm_rows_per_call=32, max_text_len=TEXT_LEN)
     c.examples = 4                 # images whose captions and answers are printed
     return c
 

@@ -1,48 +1,53 @@
 r"""BLIP-2 in miniature: the paper's whole recipe on the built-in synthetic corpus, on a CPU.
 
-  python -m blip2_jax.miniature [--workdir DIR] [--fast] [--skip_ablation]
+  python -m blip2_jax.miniature [--workdir DIR] [--seeds N] [--seed S] [--fast] [--lanes 1|2]
 
-Phases (one progress line each on stderr; settings in blip2_jax/miniature/config.py):
-  1. data      build `synthetic_shapes` (2000 / 250 / 250 scenes)
-  2. towers    pretrain the image tower on pixels alone and the OPT-style LM on text alone
-               (blip2_jax/miniature/unimodal.py): two frozen models that know nothing of each other
-  3. start     draw the Q-Former's random initialisation (shared by both runs below)
-  4. stage 1   representation learning, ITC + ITM + ITG (`blip2_jax.main`, frozen ViT)
-  5. stage 2   generative learning through the frozen LM, Q-Former from stage 1
-  6. evaluate  zero-shot on the held-out test scenes: captioning (BLEU/METEOR/ROUGE/CIDEr),
-               VQA accuracy, retrieval R@1 (stage-1 model)
-  7. ablation  stage 2 straight from the random Q-Former, same stage-2 steps (paper Fig. 5),
-               and its evaluation
-Prints a table of both runs and a few images' captions and answers; writes WORKDIR/results.json.
+Phases (one line each on stderr; settings in blip2_jax/miniature/config.py; runner.py orders
+them in two lanes, one process each, so that two cores are used):
+  data        build `synthetic_shapes` (4000 / 250 / 250 scenes, 48 px) and both tokenizers
+  towers      pretrain the image tower on pixels alone and the OPT-style LM on text alone
+              (unimodal.py): two frozen models that know nothing of each other (all seeds)
+then for each seed (the Q-Former's random start and the data order of stages 1 and 2):
+  start       draw the Q-Former's random initialisation (shared by both runs of the seed)
+  stage 1     representation learning, ITC + ITM + ITG (`blip2_jax.main`, frozen ViT), then its
+              held-out checks: retrieval R@1 (ITC alone, ITM re-ranked), ITM accuracy
+  stage 2     generative learning through the frozen LM, Q-Former from stage 1; zero-shot
+              captioning and VQA on the held-out test scenes
+  ablation    stage 2 straight from the random Q-Former, same stage-2 steps (paper Fig. 5), and
+              the same evaluation
+With --seeds N >= 2 the paired differences (with - without stage 1) give a 95 % t-interval for
+VQA accuracy and CIDEr, and the verdict on the paper's claim follows from it. Seed 0's phases
+write into WORKDIR itself (stage1/, stage2/, ...), seed S's into WORKDIR/seed_S/.
+
+The workdir records its configuration: a rerun with the same settings resumes after the last
+finished phase (and adds seeds); one with other settings is refused.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import os
-import pathlib
-import shutil
 import sys
 import threading
 import time
 
 from blip2_jax.miniature import config as phases
-from blip2_jax.miniature import tiny
+from blip2_jax.miniature import report, tiny
 
-MARKER = "miniature.json"  # marks a workdir this program owns (its phase folders may be replaced)
-PHASE_DIRS = ("towers", "stage1", "stage2", "stage2_no_stage1")
-
+DOCS = "docs/miniature.md"
 
 
 # ------------------------------------------------------------------------------------- display
 class Phase:
-    """One status line on stderr: `[i/n] name  |####----| done/total  12s  ETA 30s`."""
+    """One status line on stderr: `[i/n] name  |####----| done/total  12s  ETA 30s`. With
+    `live=False` (the second lane's process) only the closing line is printed."""
 
-    def __init__(self, index: int, count: int, name: str, total: int | None = None, unit: str = "steps"):
-        self.label, self.total, self.unit = f"[{index}/{count}] {name}", total, unit
-        self.t0, self.cpu0, self.done, self.tty = time.time(), cpu_seconds(), 0, sys.stderr.isatty()
+    def __init__(self, label: str, name: str, total: int | None = None, unit: str = "steps",
+                 live: bool = True):
+        self.label, self.total, self.unit = f"{label} {name}", total, unit
+        self.t0, self.cpu0, self.done = time.time(), cpu_seconds(), 0
+        self.tty = live and sys.stderr.isatty()
         self._last, self.suffix = 0.0, ""
         self._draw(force=True)
 
@@ -62,8 +67,8 @@ class Phase:
             bar = f"  |{'#' * int(20 * frac):<20}| {self.done}/{self.total} {self.unit}{eta}"
         elif self.done:
             bar = f"  {self.done} {self.unit}"
-        text = f"{self.label:<44}{bar}  {dt:.0f}s{self.suffix}"
-        print(f"\r{text}\033[K" if self.tty else text, end=end, file=sys.stderr, flush=True)
+        text = f"{self.label:<56}{bar}  {dt:.0f}s{self.suffix}"
+        print(f"\r{text}\033[K" if sys.stderr.isatty() else text, end=end, file=sys.stderr, flush=True)
 
     def close(self, note: str = "") -> float:
         self.cpu = cpu_seconds() - self.cpu0
@@ -94,10 +99,30 @@ def _watch_metrics(workdir: str, phase: Phase, stop: threading.Event) -> None:
 
 
 # ------------------------------------------------------------------------------------- configs
+def run_dir(workdir: str, seed: int) -> str:
+    """Where a seed's phases write: seed 0 in the workdir itself, seed S in seed_S/."""
+    return workdir if seed == 0 else f"{workdir}/seed_{seed}"
+
+
 def miniature_config(phase: str, workdir: str, fast: bool, seed: int = 0):
-    w = os.path.abspath(workdir)
-    arg = f"{phase},towers={w}/towers,stage1={w}/stage1,data_dir={w}/tfds,fast={int(fast)},seed={seed}"
+    w = os.path.abspath(workdir) if workdir != "W" else "W"
+    arg = (f"{phase},towers={w}/towers,run={run_dir(w, seed)},data_dir={w}/tfds,"
+           f"fast={int(fast)},seed={seed}")
     return phases.get_config(arg)
+
+
+def configuration(fast: bool) -> dict:
+    """What the results depend on: the corpus's builder config and every phase's settings
+    (seed 0, workdir "W")."""
+    from blip2_jax.data.builders import synthetic_shapes
+    name = (phases.DATASET.split("/") + ["default"])[1]
+    data = next(c for c in synthetic_shapes.CONFIGS if c.name == name)
+    fields = ("num_train", "num_validation", "num_test", "image_size", "seed", "colours",
+              "background_range", "jitter", "max_angle", "full_caption", "max_objects")
+    cfgs = {p: json.loads(json.dumps(miniature_config(p, "W", fast).to_dict(), default=str))
+            for p in ("unimodal", "stage1", "stage2", "stage2_no_stage1", "eval")}
+    return {"design": phases.DESIGN, "fast": fast, "phases": cfgs,
+            "dataset": json.loads(json.dumps({f: getattr(data, f) for f in fields}))}
 
 
 def eval_config(kind: str, overrides: dict, output_dir: str):
@@ -116,58 +141,85 @@ def eval_config(kind: str, overrides: dict, output_dir: str):
     return c
 
 
-def command_line(phase: str, workdir: str, fast: bool, seed: int = 0) -> str:
+def command_line(phase: str, workdir: str, fast: bool, seed: int) -> str:
     """The equivalent `python -m blip2_jax.main` command of a training phase."""
-    w = workdir
-    extra = (",fast=1" if fast else "") + (f",seed={seed}" if seed else "")
+    w, r = workdir, run_dir(workdir, seed)
     return (f"python -m blip2_jax.main --config=configs/tiny/miniature.py:{phase},towers={w}/towers,"
-            f"stage1={w}/stage1,data_dir={w}/tfds{extra} --workdir={w}/{phase}")
+            f"run={r},data_dir={w}/tfds,seed={seed}{',fast=1' if fast else ''} --workdir={r}/{phase}")
 
 
 # ------------------------------------------------------------------------------------- phases
-def write_qformer_start(stage1_cfg, stage2_cfg, std: float, seed: int) -> tuple[str, str]:
-    """The Q-Former's random starting point, saved as two transformers-format BLIP-2 directories
-    that `init.source="hf"` reads: the stage-1 (retrieval) layout and the OPT layout (for the
-    run without stage 1), both holding the pretrained towers and the same Q-Former draw.
+def build_data(dataset: str, data_dir: str) -> None:
+    """The corpus, or one line and exit 1 if it cannot be built."""
+    from blip2_jax.data import builders
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own progress
+            builders.prepare_dataset(dataset, data_dir)
+    except Exception as e:  # noqa: BLE001  (any failure: one line, no traceback)
+        msg = " ".join(f"{type(e).__name__}: {e}".split())
+        raise SystemExit(f"error: building {dataset} in {data_dir} failed: {msg[:300]}") from None
+
+
+def _draw_with_towers(cfg, seed: int) -> tuple:
+    """`cfg`'s model with its towers read from their directories and everything else drawn
+    (`init.source="unimodal"`) -> (model config, numpy params)."""
+    import jax
+    import numpy as np
+
+    from blip2_jax import sharding
+    from blip2_jax.models import build
+    from blip2_jax.weights import init as init_lib
+
+    draw = cfg.copy_and_resolve_references()
+    draw.init.source = "unimodal"
+    model, mcfg = build.build_model(draw.model)
+    params = jax.tree.map(np.asarray, init_lib.init_params(model, mcfg, draw, sharding.make_mesh(), seed=seed))
+    params.get("qformer", {}).pop("lm_head", None)  # ITG head: not in transformers' layout
+    return mcfg, params
+
+
+def _like(src: dict, ref: dict) -> dict:
+    """The part of `src` that `ref`'s model has."""
+    return {k: _like(src[k], v) if isinstance(v, dict) else src[k] for k, v in ref.items()}
+
+
+def write_qformer_start(stage1_cfg, std: float, seed: int) -> None:
+    """The Q-Former's random starting point, saved as a transformers-format BLIP-2 directory
+    (the stage-1 retrieval layout, with the pretrained image tower) that `init.source="hf"`
+    reads. The run without stage 1 starts from the same draw (`write_ablation_start`).
 
     The draw is the model's own initialiser with every normal(0.02) matrix rescaled to `std`:
     0.02 is BERT-base's scale for width 768; at width 64 it leaves the cross-attention's image
     signal ~3% of the query's and the text [CLS] features nearly identical, and ITC stays at
     ln(batch) for the first ~100 steps."""
     import jax
-    import numpy as np
 
-    from blip2_jax import sharding
-    from blip2_jax.models import build
     from blip2_jax.weights import hf
-    from blip2_jax.weights import init as init_lib
 
     def scaled(path, x):
         name = getattr(path[-1], "key", str(path[-1]))
         return x * (std / 0.02) if name in ("kernel", "word_embeddings", "position_embeddings",
                                              "query_tokens") else x
 
-    def like(src: dict, ref: dict) -> dict:  # the part of `src` that `ref`'s model has
-        return {k: like(src[k], v) if isinstance(v, dict) else src[k] for k, v in ref.items()}
+    mcfg, params = _draw_with_towers(stage1_cfg, seed)
+    params["qformer"] = jax.tree_util.tree_map_with_path(scaled, params["qformer"])
+    hf.save(stage1_cfg.init.hf_dir, mcfg, params)
 
-    mesh = sharding.make_mesh()
-    out, qformer = [], None
-    for cfg in (stage1_cfg, stage2_cfg):
-        draw = cfg.copy_and_resolve_references()
-        draw.init.source = "unimodal"  # the towers from their directories, the rest random
-        model, mcfg = build.build_model(draw.model)
-        params = jax.tree.map(np.asarray, init_lib.init_params(model, mcfg, draw, mesh, seed=seed))
-        params.get("qformer", {}).pop("lm_head", None)  # ITG head: not in transformers' layout
-        if qformer is None:
-            qformer = jax.tree_util.tree_map_with_path(scaled, params["qformer"])
-        params["qformer"] = like(qformer, params["qformer"])
-        hf.save(cfg.init.hf_dir, mcfg, params)
-        out.append(cfg.init.hf_dir)
-    return out[0], out[1]
+
+def write_ablation_start(stage1_cfg, stage2_cfg) -> None:
+    """The OPT-layout start of the run without stage 1: the pretrained towers (the LM too) and
+    the Q-Former drawn by `write_qformer_start` for the same seed."""
+    from blip2_jax.weights import hf
+
+    mcfg, params = _draw_with_towers(stage2_cfg, 0)
+    _, drawn = hf.load(stage1_cfg.init.hf_dir, scan_layers="layers" in params["vision_model"])
+    params["qformer"] = _like(drawn["qformer"], params["qformer"])
+    hf.save(stage2_cfg.init.hf_dir, mcfg, params)
 
 
 def train_phase(phase: Phase, config, workdir: str) -> dict:
-    """`blip2_jax.main.train` in this process (compiled functions and imports are reused)."""
+    """`blip2_jax.main.train` in this process (compiled functions and imports are reused).
+    Returns the last logged losses and temperature and, as "first_<loss>", the first losses."""
     from blip2_jax import main
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_metrics, args=(workdir, phase, stop), daemon=True)
@@ -178,7 +230,11 @@ def train_phase(phase: Phase, config, workdir: str) -> dict:
         stop.set()
         watcher.join()
     phase.update(int(config.total_steps))
-    return last
+    out = {k: float(v) for k, v in last.items() if k.endswith("loss") or k == "temperature"}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    out.update({f"first_{k}": float(v) for k, v in first.items() if k.endswith("loss")})
+    return out
 
 
 class _CountingPredictor:
@@ -201,8 +257,9 @@ class _CountingPredictor:
         return counted
 
 
-def evaluate_phase(phase: Phase, workdir: str, kinds: dict) -> dict:
-    """Runs each evaluator config of `kinds` ({kind: config}) on a training workdir."""
+def evaluate_phase(phase: Phase, workdir: str, kinds: dict, probe=None) -> dict:
+    """Runs each evaluator config of `kinds` ({kind: config}) on a training workdir, and
+    `probe(predictor)` (its result under "probe")."""
     from blip2_jax import serving, sharding
     from blip2_jax.evaluators import registry
 
@@ -214,265 +271,50 @@ def evaluate_phase(phase: Phase, workdir: str, kinds: dict) -> dict:
         for kind, config in kinds.items():
             evaluator = registry.get(config, mesh=mesh, predictor=counted)
             results[kind] = dict(evaluator.evaluate(counted))
+        if probe is not None:
+            results["probe"] = probe(counted)
     return results
 
 
-# ------------------------------------------------------------------------------------- report
 def read_predictions(output_dir: str) -> dict:
-    """{kind: {image_id: text}} from the evaluators' prediction files."""
+    """{"caption": {image_id: text}, "vqa": {image_id: answer}} from the evaluators' files."""
+    import pathlib
     out = {}
     for path in pathlib.Path(output_dir).glob("*_predictions.json"):
         rows = json.loads(path.read_text())
         if isinstance(rows, list) and rows and "caption" in rows[0]:
-            out["caption"] = {r["image_id"]: r["caption"] for r in rows}
+            out["caption"] = {int(r["image_id"]): r["caption"] for r in rows}
         elif isinstance(rows, list) and rows and "answer" in rows[0]:
-            out["vqa"] = {r["question_id"]: r["answer"] for r in rows}
+            out["vqa"] = {int(r["question_id"]): r["answer"] for r in rows}
     return out
 
 
-def test_questions(data_dir: str, split: str) -> list[dict]:
-    """The held-out scenes as the VQA evaluator sees them: one question per image (the pipeline
-    picks question `image_id % n`), its answer and type, the reference captions."""
+def test_scenes(dataset: str, data_dir: str, split: str) -> list[dict]:
+    """The held-out scenes as the VQA evaluator sees them: one question per image (the input
+    pipeline picks question `image_id % n`), its answer and type, the reference captions (the
+    last is the full description), the objects as (colour, shape)."""
     from blip2_jax.data import pipeline
     from blip2_jax.data import text as text_lib
     ic = pipeline.default_input_config()
-    ic.dataset, ic.split, ic.data_dir = "synthetic_shapes", split, data_dir
+    ic.dataset, ic.split, ic.data_dir = dataset, split, data_dir
     source = pipeline.load_source(ic)
     dec = text_lib.as_text
     rows = []
     for i in range(len(source)):
         r = source[i]
         n, iid = len(r["qa_questions"]), int(r["image_id"])
+        obj = r["objects"]
         rows.append({"image_id": iid, "question": text_lib.normalize_question(dec(r["qa_questions"][iid % n])),
                      "answer": dec(r["qa_answers"][iid % n]), "type": dec(r["qa_types"][iid % n]),
-                     "captions": [dec(c) for c in r["captions"]]})
+                     "captions": [dec(c) for c in r["captions"]],
+                     "objects": [(dec(c), dec(s)) for c, s in zip(obj["colour"], obj["shape"])]})
     return rows
 
 
-def blind_baselines(data_dir: str, questions: list[dict]) -> dict:
-    """What text alone scores, without looking at the image: the commonest training answer to
-    each question text, and the commonest training caption for every image."""
-    from collections import Counter, defaultdict
-
-    from blip2_jax.miniature import unimodal
-    from blip2_jax.evaluators import metrics
-    scenes = unimodal.read_scenes("synthetic_shapes", "train", data_dir)
-    table = defaultdict(Counter)
-    for qa in scenes["qa"]:
-        for q, a in qa:
-            table[q][a] += 1
-    overall = Counter(a for c in table.values() for a in c.elements())
-    answers = {q["image_id"]: (table[q["question"]] or overall).most_common(1)[0][0] for q in questions}
-    caption = Counter(c for caps in scenes["captions"] for c in caps).most_common(1)[0][0]
-    refs = {q["image_id"]: q["captions"] for q in questions}
-    return {"vqa": vqa_breakdown(answers, questions),
-            "caption": metrics.caption_scores({k: caption for k in refs}, refs, spice=False),
-            "blind_caption": caption}
+def test_questions(data_dir: str, split: str) -> list[dict]:
+    """`test_scenes` of the miniature's corpus (the notebook's name for it)."""
+    return test_scenes(phases.DATASET, data_dir, split)
 
 
-def vqa_breakdown(answers: dict, questions: list[dict]) -> dict:
-    """Exact-match accuracy (%) overall and per question type."""
-    from blip2_jax.evaluators import metrics
-    by_type: dict[str, list[bool]] = {}
-    for q in questions:
-        if q["image_id"] in answers:
-            ok = metrics.normalize_answer(answers[q["image_id"]]) == metrics.normalize_answer(q["answer"])
-            by_type.setdefault(q["type"], []).append(ok)
-    out = {f"acc_{t}": 100.0 * sum(v) / len(v) for t, v in sorted(by_type.items())}
-    out["accuracy"] = 100.0 * sum(sum(v) for v in by_type.values()) / max(sum(len(v) for v in by_type.values()), 1)
-    return out
-
-
-RUN_NAMES = {"with_stage1": "with stage 1", "without_stage1": "without stage 1 (Fig. 5)",
-             "blind": "blind (text only)"}
-
-
-def format_report(results: dict) -> str:
-    runs = [r for r in RUN_NAMES if r in results["runs"]]
-    rows = [("VQA accuracy (%)", "vqa", "accuracy", 1),
-            ("caption BLEU-4", "caption", "Bleu_4", 100), ("caption METEOR", "caption", "METEOR", 100),
-            ("caption ROUGE-L", "caption", "ROUGE_L", 100), ("caption CIDEr", "caption", "CIDEr", 100),
-            ("retrieval image->text R@1 (%), ITC + ITM", "retrieval", "txt_r1", 1),
-            ("retrieval text->image R@1 (%), ITC + ITM", "retrieval", "img_r1", 1),
-            ("retrieval image->text R@1 (%), ITC only", "retrieval", "itc_txt_r1", 1),
-            ("retrieval text->image R@1 (%), ITC only", "retrieval", "itc_img_r1", 1),
-            ("final stage-2 LM loss", "train", "lm_loss", 1), ("training time (s)", "train", "seconds", 1)]
-    types = sorted(k for k in results["runs"][runs[0]].get("vqa", {}) if k.startswith("acc_"))
-    rows[1:1] = [(f"  VQA {t[4:]} (%)", "vqa", t, 1) for t in types]
-    lines = [f"| metric | {' | '.join(RUN_NAMES[r] for r in runs)} |", "|---" * (len(runs) + 1) + "|"]
-    for label, group, key, scale in rows:
-        vals = [results["runs"][r].get(group, {}).get(key) for r in runs]
-        if all(v is None for v in vals):
-            continue
-        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v * scale:.1f}" for v in vals) + " |")
-    out = "\n".join(lines)
-    if results.get("verdict"):
-        out += "\n\n" + results["verdict"]
-    return out
-
-
-def verdict(results: dict) -> str:
-    """What the numbers say about the paper's claim (Fig. 5: without stage 1, zero-shot VQA and
-    captioning are worse), each half compared with the blind text-only baseline too."""
-    runs = results["runs"]
-    w, wo, blind = runs.get("with_stage1"), runs.get("without_stage1"), runs.get("blind", {})
-    if not w or not wo:
-        return ""
-    cider = [100 * r["caption"].get("CIDEr", float("nan")) for r in (w, wo, blind)]
-    vqa = [r["vqa"]["accuracy"] for r in (w, wo, blind)]
-    cap = ("worse" if cider[1] < cider[0] else "not worse") + " without stage 1"
-    lines = [(f"Captioning: {cap} (CIDEr {cider[0]:.1f} with stage 1, {cider[1]:.1f} without; "
-              f"blind {cider[2]:.1f}).")]
-    # Two standard errors of an accuracy over n questions: smaller gaps are noise.
-    n = max(len(results.get("questions", [])) or 250, 1)
-    se2 = 2 * 100 * (max(vqa[2], 1) / 100 * (1 - max(vqa[2], 1) / 100) / n) ** 0.5
-    if max(vqa[0], vqa[1]) <= vqa[2] + se2:
-        lines.append(f"VQA: neither run beats the blind text prior by more than noise ({vqa[0]:.1f} and "
-                     f"{vqa[1]:.1f} vs {vqa[2]:.1f} %, 2 s.e. = {se2:.1f}), so this scale cannot test "
-                     "the VQA half of the claim.")
-    else:
-        gap = vqa[0] - vqa[1]
-        word = "worse" if gap > se2 else "better" if gap < -se2 else "no different (within noise)"
-        lines.append(f"VQA: {word} without stage 1 ({vqa[0]:.1f} vs {vqa[1]:.1f} %; blind text prior "
-                     f"{vqa[2]:.1f} %, 2 s.e. = {se2:.1f}).")
-    return " ".join(lines)
-
-
-def examples(questions: list[dict], runs: dict, count: int) -> str:
-    lines = []
-    for q in questions[:count]:
-        lines.append(f"image {q['image_id']}  reference: \"{q['captions'][0]}\"")
-        for name, preds in runs.items():
-            cap = preds.get("caption", {}).get(q["image_id"], "?")
-            ans = preds.get("vqa", {}).get(q["image_id"], "?")
-            lines.append(f"  {name:<16} caption: \"{cap}\"   Q: {q['question']}  A: \"{ans}\" (truth: {q['answer']})")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------- pipeline
-def run(workdir: str, fast: bool = False, skip_ablation: bool = False, seed: int = 0) -> dict:
-    """The whole miniature; returns (and writes to WORKDIR/results.json) every number."""
-    _prepare_workdir(workdir)
-
-    from blip2_jax import cache
-    cache.enable()
-    from blip2_jax.miniature import unimodal
-    from blip2_jax.data import builders
-
-    t_start, cpu_start = time.time(), cpu_seconds()
-    count = 7 if not skip_ablation else 6
-    w = os.path.abspath(workdir)
-    uni = miniature_config("unimodal", w, fast, seed)
-    ev = miniature_config("eval", w, fast, seed)
-    results: dict = {"fast": fast, "seed": seed, "commands": {}, "seconds": {}, "runs": {}}
-
-    p = Phase(1, count, "data: build synthetic_shapes", unit="")
-    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own progress
-        builders.prepare_dataset(uni.dataset, uni.data_dir)
-    results["seconds"]["data"] = p.close()
-
-    current: list[Phase] = []
-
-    def tower_phase(name, total):  # one line per tower, each closed when the next starts
-        if current:
-            current.pop().close()
-        current.append(Phase(2, count, f"towers: {name}", total))
-        return current[-1].update
-    t = time.time()
-    results["towers"] = unimodal.pretrain_towers(uni, os.path.join(w, "towers"), tower_phase)
-    current.pop().close()
-    results["seconds"]["towers"] = time.time() - t
-
-    s1, s2, s2x = (miniature_config(n, w, fast, seed) for n in ("stage1", "stage2", "stage2_no_stage1"))
-    p = Phase(3, count, "start: random Q-Former draw", unit="")
-    write_qformer_start(s1, s2x, float(uni.qformer_init_std), int(uni.seed))
-    results["seconds"]["start"] = p.close()
-
-    run_w = results["runs"]["with_stage1"] = {}
-    for index, name, cfg in ((4, "stage1", s1), (5, "stage2", s2)):
-        p = Phase(index, count, f"{name}: {'ITC+ITM+ITG' if name == 'stage1' else 'LM through frozen OPT'}",
-                  int(cfg.total_steps))
-        last = train_phase(p, cfg, os.path.join(w, name))
-        run_w.setdefault("train", {})["seconds"] = run_w.get("train", {}).get("seconds", 0) + p.close()
-        run_w["train"].update({(f"{name}_{k}" if name == "stage1" else k): v
-                               for k, v in last.items() if k.endswith("loss")})
-        results["commands"][name] = command_line(name, workdir, fast, seed)
-
-    questions = test_questions(os.path.join(w, "tfds"), ev.caption.input.split)
-    results["runs"]["blind"] = blind_baselines(os.path.join(w, "tfds"), questions)
-    results["questions"] = [q["image_id"] for q in questions]
-    preds = {}
-
-    def evaluate_run(index, label, key, stage2_dir, stage1_dir=None):
-        p = Phase(index, count, f"evaluate: {label}", unit="calls")
-        out_dir = os.path.join(stage2_dir, "eval")
-        kinds = {k: eval_config(k, dict(ev[k]), out_dir) for k in ("caption", "vqa")}
-        res = evaluate_phase(p, stage2_dir, kinds)
-        if stage1_dir:
-            res.update(evaluate_phase(p, stage1_dir, {"retrieval": eval_config(
-                "retrieval", dict(ev.retrieval), os.path.join(stage1_dir, "eval"))}))
-        preds[key] = read_predictions(out_dir)
-        res["vqa"].update({k: v for k, v in vqa_breakdown(preds[key].get("vqa", {}), questions).items()
-                           if k != "accuracy"})  # the evaluator's own accuracy is kept
-        results["runs"][key].update(res)
-        results["seconds"][f"evaluate_{key}"] = p.close()
-
-    evaluate_run(6, "zero-shot, with stage 1", "with_stage1", os.path.join(w, "stage2"), os.path.join(w, "stage1"))
-
-    if not skip_ablation:
-        run_wo = results["runs"]["without_stage1"] = {}
-        p = Phase(7, count, "ablation: stage 2 without stage 1", int(s2x.total_steps))
-        last = train_phase(p, s2x, os.path.join(w, "stage2_no_stage1"))
-        run_wo["train"] = {"seconds": p.close(), **{k: v for k, v in last.items() if k.endswith("loss")}}
-        results["commands"]["stage2_no_stage1"] = command_line("stage2_no_stage1", workdir, fast, seed)
-        evaluate_run(7, "zero-shot, without stage 1", "without_stage1", os.path.join(w, "stage2_no_stage1"))
-
-    results["seconds"]["total"] = time.time() - t_start
-    results["seconds"]["total_cpu"] = cpu_seconds() - cpu_start
-    results["verdict"] = verdict(results)
-    results["examples"] = examples(questions, preds, int(ev.examples))
-    with open(os.path.join(w, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    return results
-
-
-def _prepare_workdir(workdir: str) -> None:
-    """Creates WORKDIR, or clears the phase folders of an earlier run of this program (the
-    dataset is kept). Refuses a non-empty folder it did not create."""
-    os.makedirs(workdir, exist_ok=True)
-    marker = os.path.join(workdir, MARKER)
-    if os.listdir(workdir) and not os.path.exists(marker):
-        raise SystemExit(f"error: {workdir} is not empty and was not made by blip2_jax.miniature; "
-                         "choose another --workdir")
-    for name in PHASE_DIRS:
-        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-    with open(marker, "w") as f:
-        json.dump({"created_by": "blip2_jax.miniature"}, f)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m blip2_jax.miniature", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", default="workdir/miniature", help="where every phase writes")
-    parser.add_argument("--fast", action="store_true", help="the shortened pipeline of the tests")
-    parser.add_argument("--skip_ablation", action="store_true", help="skip the run without stage 1")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from absl import logging
-    logging.set_verbosity(logging.ERROR)
-    import tensorflow_datasets as tfds
-    tfds.display_progress_bar(False)
-    results = run(args.workdir, fast=args.fast, skip_ablation=args.skip_ablation, seed=args.seed)
-    sec = results["seconds"]
-    print(f"\nMiniature BLIP-2 on synthetic_shapes, zero-shot on held-out scenes "
-          f"({'--fast, ' if results['fast'] else ''}{sec['total']:.0f}s wall, {sec['total_cpu']:.0f}s cpu)\n")
-    print(format_report(results))
-    print("\n" + results["examples"])
-    print(f"\nall numbers: {os.path.join(args.workdir, 'results.json')}")
-
-
-if __name__ == "__main__":
-    main()
+def format_report(results: dict, docs: str = DOCS) -> str:
+    return report.format_report(results, docs)

@@ -7,9 +7,9 @@ on synthetic_shapes:
 - Image tower: the tiny ViT (tiny.TINY_VISION) learns, from pixels alone, to predict the
   scene's visual attributes per cell of the 3x3 layout grid (shape kind, colour, size, or empty)
   and the background kind: supervised multi-label classification, the ImageNet-style recipe,
-  with class indices as targets (no words). A linear probe reads all output tokens (after
-  `post_layernorm` = ln_vision), so the attributes must be linearly present in the very
-  features the Q-Former will read. Why not self-supervised: a 2-layer, 64-wide ViT trained for
+  with class indices as targets (no words). An attention-pooling probe (one learned query per
+  cell) reads the output tokens (after `post_layernorm` = ln_vision), so the attributes and
+  where they are must be present in the very features the Q-Former will read. Why not self-supervised: a 2-layer, 64-wide ViT trained for
   a few hundred steps learns little from MAE/contrastive objectives, and the paper's frozen
   encoder (EVA-CLIP) is a strong one; this objective makes a strong small encoder in seconds.
 - Language model: the tiny OPT-style decoder learns the corpus's text with the causal LM loss:
@@ -29,7 +29,6 @@ import collections
 import json
 import os
 import re
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -179,19 +178,27 @@ def _write_json(path: str, obj: dict) -> None:
 
 # ------------------------------------------------------------------------------------- image tower
 class AttributeClassifier(nn.Module):
-    """ViT + a linear probe over all its output tokens -> per-cell and background logits.
+    """ViT + an attention-pooling probe -> per-cell and background logits.
 
     pixels [B, S, S, 3] -> (cell logits [B, CELLS, len(SHAPE)+len(COLOUR)+len(SIZE)],
-    background logits [B, len(BACKGROUND)])."""
+    background logits [B, len(BACKGROUND)]). One learned query per grid cell (and one for the
+    background) attends over the ViT's output tokens, as the Q-Former's queries will: to find
+    its cell, a query must read the place from the tokens themselves, so the features carry
+    where things are (a probe with one weight matrix per token would not need that)."""
     config: VisionConfig
 
     @nn.compact
     def __call__(self, pixels):
-        feats = VisionTransformer(self.config, name="vision_model")(pixels)
-        flat = feats.reshape(feats.shape[0], -1)
+        feats = VisionTransformer(self.config, name="vision_model")(pixels)  # [B, T, D]
+        d = feats.shape[-1]
+        queries = self.param("probe_queries", nn.initializers.normal(d ** -0.5), (CELLS + 1, d))
+        keys = nn.Dense(d, name="probe_key")(feats)
+        values = nn.Dense(d, name="probe_value")(feats)
+        weights = jax.nn.softmax(jnp.einsum("qd,btd->bqt", queries, keys) / np.sqrt(d), axis=-1)
+        pooled = jnp.einsum("bqt,btd->bqd", weights, values)
         per_cell = len(SHAPE_CLASSES) + len(COLOUR_CLASSES) + len(SIZE_CLASSES)
-        cells = nn.Dense(CELLS * per_cell, name="cell_head")(flat).reshape(-1, CELLS, per_cell)
-        return cells, nn.Dense(len(BACKGROUND_CLASSES), name="background_head")(flat)
+        cells = nn.Dense(per_cell, name="cell_head")(pooled[:, :CELLS])
+        return cells, nn.Dense(len(BACKGROUND_CLASSES), name="background_head")(pooled[:, CELLS])
 
 
 def attribute_loss(cell_logits, bg_logits, targets, background):
@@ -269,7 +276,9 @@ def lm_document(kind: str, captions: list[str], qa: list[tuple[str, str]], rng,
 
     Kinds: "caption"; "qa" (one question and its answer); "caption_caption" (a caption, then
     another caption of the same scene); "caption_qa" (a caption, then 1..max_questions questions
-    about the scene with their answers: text about a text, the skill zero-shot VQA relies on)."""
+    about the scene with their answers); "description_caption" and "description_qa" (a caption,
+    or questions and answers, after the scene's full description, the last caption, from which
+    every answer can be read: text about a text, the skill zero-shot VQA relies on)."""
     cap = captions[rng.integers(len(captions))]
     lines = [QA_TEMPLATE.format(q) + " " + a for q, a in qa]
     if kind == "caption":
@@ -279,9 +288,12 @@ def lm_document(kind: str, captions: list[str], qa: list[tuple[str, str]], rng,
     if kind == "caption_caption":
         other = [c for c in captions if c != cap] or [cap]
         return [cap, other[rng.integers(len(other))]]
-    if kind == "caption_qa":
+    if kind == "description_caption":
+        return [captions[-1], cap]
+    if kind in ("caption_qa", "description_qa"):
         k = int(rng.integers(1, max_questions + 1))
-        return [cap] + [lines[j] for j in rng.permutation(len(lines))[:k]]
+        first = captions[-1] if kind == "description_qa" else cap
+        return [first] + [lines[j] for j in rng.permutation(len(lines))[:k]]
     raise ValueError(f"unknown LM document kind {kind!r}")
 
 
@@ -298,14 +310,15 @@ def encode_document(segments: list[str], tok, max_len: int) -> tuple[np.ndarray,
             np.asarray(labels + [IGNORE] * pad, np.int32))
 
 
-def lm_batch(scenes: dict, mix: dict, tok, batch_size: int, max_len: int, rng) -> dict:
+def lm_batch(scenes: dict, mix: dict, tok, batch_size: int, max_len: int, rng,
+             max_questions: int = 3) -> dict:
     kinds, probs = list(mix), np.asarray(list(mix.values()), np.float64)
     ids, labels = [], []
     for _ in range(batch_size):
         i = int(rng.integers(len(scenes["captions"])))
         kind = kinds[rng.choice(len(kinds), p=probs / probs.sum())]
-        a, b = encode_document(lm_document(kind, scenes["captions"][i], scenes["qa"][i], rng),
-                               tok, max_len)
+        a, b = encode_document(lm_document(kind, scenes["captions"][i], scenes["qa"][i], rng,
+                                           max_questions), tok, max_len)
         ids.append(a)
         labels.append(b)
     return {"ids": np.stack(ids), "labels": np.stack(labels)}
@@ -349,19 +362,61 @@ def pretrain_lm(cfg, train: dict, val: dict, tok, out_dir: str, progress: Progre
 
     mix = dict(tc.mix)
     for i in range(int(tc.steps)):
-        b = lm_batch(train, mix, tok, int(tc.batch_size), int(tc.max_len), rng)
+        b = lm_batch(train, mix, tok, int(tc.batch_size), int(tc.max_len), rng, int(tc.max_questions))
         params, opt_state, loss = step(params, opt_state, b["ids"], b["labels"])
         if progress:
             progress(i + 1, int(tc.steps))
     eval_fn = jax.jit(lambda p, i, l: _lm_loss(model, p, i, l))
     vrng = np.random.default_rng(0)
-    val_loss = {k: float(eval_fn(params, **_renamed(lm_batch(val, {k: 1.0}, tok, 128, int(tc.max_len), vrng))))
+    val_loss = {k: float(eval_fn(params, **_renamed(lm_batch(val, {k: 1.0}, tok, 128, int(tc.max_len), vrng,
+                                                             int(tc.max_questions)))))
                 for k in mix}
     tensors = convert_opt.to_hf(jax.tree.map(np.asarray, params), tcfg)
     save_state_dict(tensors, out_dir)
     _write_json(os.path.join(out_dir, "config.json"), dict(
         tcfg.to_hf(), architectures=["OPTForCausalLM"], torch_dtype="float32"))
-    return {"final_loss": float(loss), **{f"val_loss_{k}": v for k, v in val_loss.items()}}
+    reading = {f"{k}_{t}": v for k, ctx in (("qa_with_description", True), ("qa_blind", False))
+               for t, v in lm_answers(model, params, tok, val, ctx).items()}
+    return {"final_loss": float(loss), **{f"val_loss_{k}": v for k, v in val_loss.items()}, **reading}
+
+
+def lm_answers(model, params, tok, scenes: dict, with_description: bool, max_new: int = 4) -> dict:
+    """How well the LM reads: accuracy (%) of its greedy answers to one question per scene
+    ("Question: q Answer:"), after the scene's full description in text or with no context:
+    the text-only ceiling and floor of zero-shot VQA. Returns {"accuracy", per first word}."""
+    eos = tok.encode("\n")[0]
+
+    @jax.jit
+    def next_token(p, ids, mask):
+        pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        emb = model.apply({"params": p}, ids, method=OPTForCausalLM.embed)
+        logits, _ = model.apply({"params": p}, emb, mask, pos)
+        return jnp.argmax(logits[:, -1], axis=-1)
+
+    rows, seqs = [], []
+    for i, (caps, qa) in enumerate(zip(scenes["captions"], scenes["qa"])):
+        q, a = qa[i % len(qa)]
+        ctx = list(tok.prefix) + tok.encode(caps[-1] + "\n") if with_description else []
+        seqs.append(ctx + list(tok.prefix) + tok.encode(QA_TEMPLATE.format(q)))
+        rows.append((q.split()[0] + " " + q.split()[1], a))
+    width = max(map(len, seqs)) + max_new
+    out = [[] for _ in seqs]
+    for _ in range(max_new):  # left-padded to a fixed width: one compiled shape
+        ids = np.full((len(seqs), width), tok.pad_id, np.int32)
+        mask = np.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, width - len(s):], mask[j, width - len(s):] = s, 1
+        nxt = np.asarray(next_token(params, ids, mask))
+        for j, n in enumerate(nxt):
+            seqs[j] = seqs[j] + [int(n)]
+            out[j].append(int(n))
+    hits: dict[str, list[bool]] = {}
+    for (kind, truth), o in zip(rows, out):
+        o = o[:o.index(eos)] if eos in o else o
+        hits.setdefault(kind, []).append(tok.decode(o).strip() == truth)
+    res = {"accuracy": 100.0 * float(np.mean([h for v in hits.values() for h in v]))}
+    res.update({k.replace(" ", "_"): 100.0 * float(np.mean(v)) for k, v in sorted(hits.items())})
+    return res
 
 
 def _renamed(b: dict) -> dict:
@@ -369,15 +424,11 @@ def _renamed(b: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- both
-def pretrain_towers(cfg, towers_dir: str, phase: Callable[[str, int], Progress] | None = None) -> dict:
-    """Builds the vocabularies and pretrains both towers into `towers_dir` (vision/, opt/,
-    qformer_tokenizer/). `phase(name, total)` returns a progress callback for each part."""
+def write_tokenizers(cfg, towers_dir: str) -> dict:
+    """Both word-level tokenizers from the training split's words: `opt/` (the LM's) and
+    `qformer_tokenizer/`. Checks the LM ids the config assumes."""
     from blip2_jax.data.tokenizers import load_tokenizer
-    phase = phase or (lambda name, total: None)
-    t0 = time.time()
-    vcfg = VisionConfig(**dict(cfg.vision))
-    train = read_scenes(cfg.dataset, "train", cfg.data_dir, vcfg.image_size)
-    val = read_scenes(cfg.dataset, "validation", cfg.data_dir, vcfg.image_size)
+    train = read_scenes(cfg.dataset, "train", cfg.data_dir)
     words = vocabulary(corpus_texts(train))
     n_lm = save_lm_tokenizer(words, os.path.join(towers_dir, "opt"), int(cfg.vocab_size))
     n_qf = save_qformer_tokenizer(words, os.path.join(towers_dir, "qformer_tokenizer"), int(cfg.vocab_size))
@@ -386,13 +437,22 @@ def pretrain_towers(cfg, towers_dir: str, phase: Callable[[str, int], Progress] 
                         ("eos_token_id", tok.encode("\n")[0])):
         if cfg.text[name] != value:
             raise ValueError(f"miniature config: text.{name}={cfg.text[name]} but the tokenizer has {value}")
-    out = {"vocab_lm": n_lm, "vocab_qformer": n_qf, "data_s": time.time() - t0}
-    t = time.time()
-    out["vision"] = pretrain_vision(cfg, train, val, os.path.join(towers_dir, "vision"),
-                                    phase("vision tower (attributes from pixels)", int(cfg.vision_train.steps)))
-    out["vision"]["seconds"] = time.time() - t
-    t = time.time()
-    out["lm"] = pretrain_lm(cfg, train, val, tok, os.path.join(towers_dir, "opt"),
-                            phase("language model (text only)", int(cfg.lm_train.steps)))
-    out["lm"]["seconds"] = time.time() - t
-    return out
+    return {"vocab_lm": n_lm, "vocab_qformer": n_qf}
+
+
+def pretrain_vision_tower(cfg, towers_dir: str, progress: Progress | None = None) -> dict:
+    """The image tower on pixels alone -> `towers_dir/vision/`; validation accuracies."""
+    size = int(cfg.vision["image_size"])
+    train = read_scenes(cfg.dataset, "train", cfg.data_dir, size)
+    val = read_scenes(cfg.dataset, "validation", cfg.data_dir, size)
+    return pretrain_vision(cfg, train, val, os.path.join(towers_dir, "vision"), progress)
+
+
+def pretrain_lm_tower(cfg, towers_dir: str, progress: Progress | None = None) -> dict:
+    """The LM on text alone -> `towers_dir/opt/` (beside its tokenizer, `write_tokenizers`);
+    validation losses and how well it answers questions about a description."""
+    from blip2_jax.data.tokenizers import load_tokenizer
+    train = read_scenes(cfg.dataset, "train", cfg.data_dir)
+    val = read_scenes(cfg.dataset, "validation", cfg.data_dir)
+    tok = load_tokenizer(os.path.join(towers_dir, "opt"))
+    return pretrain_lm(cfg, train, val, tok, os.path.join(towers_dir, "opt"), progress)

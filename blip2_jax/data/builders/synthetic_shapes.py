@@ -1,7 +1,8 @@
 """`synthetic_shapes`: the built-in offline corpus of coloured-shape scenes.
 
 Each scene has 1-3 shapes (kind, colour, size) in distinct cells of a 3x3 grid on a solid,
-gradient or noise background. From the scene description we derive several captions ("a red
+gradient or noise background (the config picks how many shapes at most, their colours, the
+background brightness and how far shapes move and turn inside their cells). From the scene description we derive several captions ("a red
 circle to the left of a blue square") and question/answer pairs (colour, shape, count, relative
 position, yes/no), so captioning, retrieval and VQA can all be trained and scored without any
 download. Everything is a deterministic function of (seed, split sizes, image size).
@@ -40,41 +41,59 @@ SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges
 
 @dataclasses.dataclass
 class SyntheticShapesConfig(tfds.core.BuilderConfig):
-    """Size knob: examples per split, image side in pixels, generator seed."""
+    """Examples per split, image side in pixels, generator seed, and the scenes' look: the
+    colours drawn (names of COLOURS), the background's RGB range [lo, hi), how far a centre
+    moves inside its cell (fraction of the free room) and the largest turn in degrees."""
     num_train: int = 2000
     num_validation: int = 250
     num_test: int = 250
     image_size: int = 80
     seed: int = 0
+    colours: tuple[str, ...] = tuple(COLOURS)
+    background_range: tuple[int, int] = (70, 180)
+    jitter: float = 1.0
+    max_angle: float = 20.0
+    full_caption: bool = False  # add one caption naming every object's size, colour, shape, place
+    max_objects: int = 3
 
 
 CONFIGS = (
-    SyntheticShapesConfig(name="default", description="2000/250/250 scenes, 80 px"),
+    # The miniature's corpus (blip2_jax/miniature): one 16-px ViT patch per grid cell, upright
+    # shapes near their cell's centre, bright shapes on dark backgrounds (no black shapes), one
+    # or two per scene, and a full description among the captions. A 2-layer, 64-wide ViT tells
+    # the shapes apart in ~1000 steps here, and stays near chance on `large`'s look (rotations,
+    # free placement, shapes darker and brighter than the background).
+    SyntheticShapesConfig(name="default", num_train=4000, num_validation=250, num_test=250,
+                          image_size=48, colours=tuple(c for c in COLOURS if c != "black"),
+                          background_range=(20, 90), jitter=0.3, max_angle=0.0, full_caption=True,
+                          max_objects=2,
+                          description="4000/250/250 scenes, 48 px, 1-2 upright shapes on dark backgrounds"),
     SyntheticShapesConfig(name="tiny", num_train=64, num_validation=16, num_test=16,
                           description="64/16/16 scenes, 64 px (tests)", image_size=64),
     SyntheticShapesConfig(name="large", num_train=50000, num_validation=2000, num_test=2000,
-                          description="50k/2k/2k scenes, 96 px", image_size=96),
+                          description="50k/2k/2k scenes, 96 px, 1-3 turned shapes", image_size=96),
 )
 
 
 # ---------------------------------------------------------------- scenes
-def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
-    """A random scene description: background + 1-3 objects in distinct grid cells."""
-    n = int(rng.integers(1, 4))
+def sample_scene(rng: np.random.Generator, cfg: SyntheticShapesConfig) -> dict[str, Any]:
+    """A random scene description: background + 1-`max_objects` objects in distinct grid cells."""
+    colours = list(cfg.colours)
+    n = int(rng.integers(1, cfg.max_objects + 1))
     cells = rng.choice(GRID * GRID, size=n, replace=False)
     objects = []
     for cell in sorted(int(c) for c in cells):
         objects.append({
             "shape": SHAPES[rng.integers(len(SHAPES))],
-            "colour": list(COLOURS)[rng.integers(len(COLOURS))],
+            "colour": colours[rng.integers(len(colours))],
             "size": list(SIZES)[rng.integers(len(SIZES))],
             "row": cell // GRID, "col": cell % GRID,
             # offset of the centre inside its cell, in units of the free room
-            "dx": float(rng.uniform(-1, 1)), "dy": float(rng.uniform(-1, 1)),
-            "angle": float(rng.uniform(-20, 20)),
+            "dx": cfg.jitter * float(rng.uniform(-1, 1)), "dy": cfg.jitter * float(rng.uniform(-1, 1)),
+            "angle": float(rng.uniform(-cfg.max_angle, cfg.max_angle)),
         })
     return {"background": list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
-            "background_rgb": [int(v) for v in rng.integers(70, 180, size=6)],
+            "background_rgb": [int(v) for v in rng.integers(*cfg.background_range, size=6)],
             "objects": objects}
 
 
@@ -100,7 +119,7 @@ def assign_splits(cfg: SyntheticShapesConfig) -> dict[str, list[tuple[int, dict]
     while any(len(out[s]) < sizes[s] for s in sizes):
         if index > 50 * total + 1000:
             raise RuntimeError(f"synthetic_shapes: could not draw {total} distinct scenes")
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, cfg)
         key = scene_key(scene)
         index += 1
         if key in seen:
@@ -207,6 +226,14 @@ def _where_phrase(obj) -> str:
     return f"in the {where} corner of the picture"
 
 
+def _place(obj) -> str:
+    """Short form of where an object is: "at the top left", "in the center", "on the right"."""
+    where = _where(obj)
+    if where == "center":
+        return "in the center"
+    return f"on the {where}" if where in ("left", "right") else f"at the {where}"
+
+
 def _relation(a, b) -> str | None:
     """How a lies relative to b, or None if they share a cell row and column (impossible)."""
     if a["col"] != b["col"]:
@@ -220,8 +247,10 @@ def _list(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def captions_for(scene: dict[str, Any]) -> list[str]:
-    """Several true descriptions of the scene."""
+def captions_for(scene: dict[str, Any], full: bool = False) -> list[str]:
+    """Several true descriptions of the scene; with `full`, last, one that names every object's
+    size, colour, shape and place ("a large red circle at the top left and a small blue square
+    in the center"), from which every question can be answered."""
     objs, bg = scene["objects"], BACKGROUNDS[scene["background"]]
     n = len(objs)
     names = [_name(o) for o in objs]
@@ -233,6 +262,8 @@ def captions_for(scene: dict[str, Any]) -> list[str]:
         caps.append(f"{NUMBERS[n]} shapes: {_list(names)}")
         caps.append(f"{names[0]} {_relation(objs[0], objs[1])} {names[1]}")
         caps.append(f"{names[-1]} {_relation(objs[-1], objs[0])} {names[0]}")
+    if full:
+        caps.append(_list([f"{_name(o, True)} {_place(o)}" for o in objs]))
     return caps
 
 
@@ -241,8 +272,10 @@ def _unique(objs, **match):
     return hits[0] if len(hits) == 1 else None
 
 
-def questions_for(scene: dict[str, Any], rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(question, answer, type) triples, each answerable from the scene alone."""
+def questions_for(scene: dict[str, Any], rng: np.random.Generator,
+                  colours: tuple[str, ...] = tuple(COLOURS)) -> list[tuple[str, str, str]]:
+    """(question, answer, type) triples, each answerable from the scene alone (`colours`: those
+    the corpus draws, for "is there a <colour> <shape>?")."""
     objs = scene["objects"]
     qa = [("how many shapes are there?", NUMBERS[len(objs)], "count")]
     present = {o["shape"] for o in objs}
@@ -253,7 +286,7 @@ def questions_for(scene: dict[str, Any], rng: np.random.Generator) -> list[tuple
         kind = [s for s in SHAPES if s not in present][rng.integers(len(SHAPES) - len(present))]
     qa.append((f"is there {_a(kind)}?", "yes" if kind in present else "no", "exist"))
     ref = objs[rng.integers(len(objs))]
-    colour = list(COLOURS)[rng.integers(len(COLOURS))] if rng.random() < 0.5 else ref["colour"]
+    colour = colours[rng.integers(len(colours))] if rng.random() < 0.5 else ref["colour"]
     yes = any(o["shape"] == ref["shape"] and o["colour"] == colour for o in objs)
     qa.append((f"is there {_a(colour + ' ' + ref['shape'])}?", "yes" if yes else "no", "exist"))
     for o in objs:
@@ -307,13 +340,15 @@ class SyntheticShapes(Builder):
     def _generate_examples(self, items):
         cfg = self.builder_config
         for index, scene in items:
-            yield index, make_example(scene, index, cfg.image_size, cfg.seed)
+            yield index, make_example(scene, index, cfg.image_size, cfg.seed, tuple(cfg.colours),
+                                      cfg.full_caption)
 
 
-def make_example(scene: dict[str, Any], index: int, image_size: int, seed: int) -> dict:
+def make_example(scene: dict[str, Any], index: int, image_size: int, seed: int,
+                 colours: tuple[str, ...] = tuple(COLOURS), full_caption: bool = False) -> dict:
     """One stored example: image bytes, captions, QA pairs and the scene description."""
     rng = np.random.default_rng([seed, index, 1])
-    qa = questions_for(scene, rng)
+    qa = questions_for(scene, rng, colours)
     objects = []
     for o in scene["objects"]:
         x, y, r = object_centre(o, image_size)
@@ -323,7 +358,7 @@ def make_example(scene: dict[str, Any], index: int, image_size: int, seed: int) 
     return {
         "image": render_scene(scene, image_size, seed=[seed, index, 2]),
         "image_id": index,
-        "captions": captions_for(scene),
+        "captions": captions_for(scene, full_caption),
         "qa_questions": [q for q, _, _ in qa],
         "qa_answers": [a for _, a, _ in qa],
         "qa_types": [t for _, _, t in qa],
