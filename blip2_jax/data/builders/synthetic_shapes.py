@@ -104,14 +104,27 @@ def scene_key(scene: dict[str, Any]) -> str:
     return json.dumps([scene["background"], objs])
 
 
-def assign_splits(cfg: SyntheticShapesConfig) -> dict[str, list[tuple[int, dict]]]:
-    """Draws scenes until every split is full; returns {split: [(scene_index, scene)]}."""
+def _split_bounds(cfg: SyntheticShapesConfig) -> dict[str, float]:
+    """Upper end of each split's share of [0, 1), in which a scene key's hash falls."""
     sizes = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
     total = sum(sizes.values())
     bounds, acc = {}, 0.0
     for split, n in sizes.items():
         acc += n / total
         bounds[split] = acc
+    return bounds
+
+
+def split_of(key: str, cfg: SyntheticShapesConfig) -> str:
+    """The split a scene key belongs to (the same for every draw of that scene)."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+    return next(s for s, b in _split_bounds(cfg).items() if h < b or s == "test")
+
+
+def assign_splits(cfg: SyntheticShapesConfig) -> dict[str, list[tuple[int, dict]]]:
+    """Draws scenes until every split is full; returns {split: [(scene_index, scene)]}."""
+    sizes = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
+    total = sum(sizes.values())
     out = {s: [] for s in sizes}
     seen: set[str] = set()
     rng = np.random.default_rng(cfg.seed)
@@ -125,8 +138,7 @@ def assign_splits(cfg: SyntheticShapesConfig) -> dict[str, list[tuple[int, dict]
         if key in seen:
             continue
         seen.add(key)
-        h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
-        split = next(s for s, b in bounds.items() if h < b or s == "test")
+        split = split_of(key, cfg)
         if len(out[split]) < sizes[split]:
             out[split].append((index - 1, scene))
     return out
@@ -313,6 +325,10 @@ class SyntheticShapes(Builder):
     """Coloured-shape scenes with captions, QA pairs and the scene description."""
     BUILDER_CONFIGS = list(CONFIGS)
     DEFAULT_CONFIG_NAME = "default"
+    # 2.0.0: "default" is the miniature's corpus (48 px, 1-2 shapes, full description); a data
+    # folder built by 1.0.0 holds other scenes under the same name and is rebuilt, not read.
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"2.0.0": "default config: the miniature's corpus", "1.0.0": "first release"}
 
     def _info(self) -> tfds.core.DatasetInfo:
         obj = {"shape": tfds.features.Text(), "colour": tfds.features.Text(),
