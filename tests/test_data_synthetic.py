@@ -122,3 +122,24 @@ def test_full_caption_of_a_known_scene():
     assert ss.captions_for(scene, full=True)[-1] == \
         "a large red circle at the top left and a small blue square in the center"
     assert len(ss.captions_for(scene)) == len(ss.captions_for(scene, full=True)) - 1
+
+
+def test_split_of_agrees_with_assign_splits():
+    from blip2_jax.data.builders import synthetic_shapes as S
+    cfg = S.CONFIGS[1]  # tiny
+    for split, items in S.assign_splits(cfg).items():
+        assert all(S.split_of(S.scene_key(scene), cfg) == split for _, scene in items)
+
+
+def test_lm_descriptions_name_every_attribute_in_each_wording():
+    from blip2_jax.data.builders import synthetic_shapes as S
+    from blip2_jax.miniature import unimodal
+    objs = [dict(shape="star", colour="red", size="large", row=0, col=0),
+            dict(shape="square", colour="blue", size="small", row=1, col=1)]
+    wordings = unimodal.descriptions(objs)
+    assert len(set(wordings)) == len(wordings) == 8
+    for w in wordings:
+        for o in objs:
+            assert all(word in w for word in (o["shape"], o["colour"], o["size"], S._place(o)))
+    # both object orders: the red star comes first in some wordings and second in others
+    assert {w.index("star") < w.index("square") for w in wordings} == {True, False}

@@ -109,11 +109,9 @@ def flip_targets(targets: np.ndarray) -> np.ndarray:
 
 def text_scenes(dataset: str, count: int, seed: int) -> dict:
     """`count` scenes drawn afresh as text only ({"captions", "qa"} as `read_scenes`), from the
-    training split's share of the scene space: the language model's corpus. A real LLM reads
-    far more text than the image-text pairs hold; reading the 4000 training scenes over and
-    over, the tiny LM learns their answers by heart instead of reading them from the context
-    (it then answers ~70 % of held-out questions from the description, against ~90 % with
-    fresh scenes). No validation or test scene is among them."""
+    training split's share of the scene space, with the `descriptions` of each: the language
+    model's corpus (a real LLM reads far more text than the image-text pairs hold). No
+    validation or test scene is among them."""
     name = dataset.partition("/")[2] or shapes.SyntheticShapes.DEFAULT_CONFIG_NAME
     bcfg = next(c for c in shapes.CONFIGS if c.name == name)
     rng = np.random.default_rng([seed, 7])
@@ -311,17 +309,18 @@ def pretrain_vision(cfg, train: dict, val: dict, out_dir: str, progress: Progres
 
 # ------------------------------------------------------------------------------------- language model
 def lm_document(kind: str, captions: list[str], qa: list[tuple[str, str]], rng,
-                max_questions: int = 3, descriptions: list[str] | None = None) -> list[str]:
+                max_questions: int = 3, wordings: list[str] | None = None) -> list[str]:
     """The text segments of one training document; each becomes `</s> segment \\n`.
 
     Kinds: "caption"; "qa" (one question and its answer); "caption_caption" (a caption, then
     another caption of the same scene); "caption_qa" (a caption, then 1..max_questions questions
     about the scene with their answers); "description_caption" and "description_qa" (a caption,
-    or questions and answers, after the scene's full description, the last caption, from which
-    every answer can be read: text about a text, the skill zero-shot VQA relies on)."""
+    or questions and answers, after a full description of the scene, one of `wordings` or else
+    the last caption, from which every answer can be read: text about a text, the skill
+    zero-shot VQA relies on)."""
     cap = captions[rng.integers(len(captions))]
     lines = [QA_TEMPLATE.format(q) + " " + a for q, a in qa]
-    described = descriptions[rng.integers(len(descriptions))] if descriptions else captions[-1]
+    described = wordings[rng.integers(len(wordings))] if wordings else captions[-1]
     if kind == "caption":
         return [cap]
     if kind == "qa":
@@ -338,26 +337,21 @@ def lm_document(kind: str, captions: list[str], qa: list[tuple[str, str]], rng,
     raise ValueError(f"unknown LM document kind {kind!r}")
 
 
-def encode_document(segments: list[str], tok, max_len: int, context_loss: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def encode_document(segments: list[str], tok, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Segments -> (ids int32 [max_len], labels int32 [max_len]): each segment is `BOS text \\n`
-    as in stage 2's captions; the loss covers everything after the first BOS (without
-    `context_loss`, only the segments after the first one of a multi-segment document)."""
+    as in stage 2's captions; the loss covers everything after the first BOS."""
     ids: list[int] = []
     for s in segments:
         ids += list(tok.prefix) + tok.encode(s + "\n")
-        if len(ids) and s is segments[0]:
-            first = len(ids)
     ids = ids[:max_len]
     labels = [IGNORE] + ids[1:]
-    if not context_loss and len(segments) > 1:
-        labels = [IGNORE] * first + labels[first:]
     pad = max_len - len(ids)
     return (np.asarray(ids + [tok.pad_id] * pad, np.int32),
             np.asarray(labels + [IGNORE] * pad, np.int32))
 
 
 def lm_batch(scenes: dict, mix: dict, tok, batch_size: int, max_len: int, rng,
-             max_questions: int = 3, context_loss: bool = True) -> dict:
+             max_questions: int = 3) -> dict:
     kinds, probs = list(mix), np.asarray(list(mix.values()), np.float64)
     ids, labels = [], []
     for _ in range(batch_size):
@@ -365,7 +359,7 @@ def lm_batch(scenes: dict, mix: dict, tok, batch_size: int, max_len: int, rng,
         kind = kinds[rng.choice(len(kinds), p=probs / probs.sum())]
         described = scenes["descriptions"][i] if "descriptions" in scenes else None
         a, b = encode_document(lm_document(kind, scenes["captions"][i], scenes["qa"][i], rng,
-                                           max_questions, described), tok, max_len, context_loss)
+                                           max_questions, described), tok, max_len)
         ids.append(a)
         labels.append(b)
     return {"ids": np.stack(ids), "labels": np.stack(labels)}
@@ -409,8 +403,7 @@ def pretrain_lm(cfg, train: dict, val: dict, tok, out_dir: str, progress: Progre
 
     mix = dict(tc.mix)
     for i in range(int(tc.steps)):
-        b = lm_batch(train, mix, tok, int(tc.batch_size), int(tc.max_len), rng, int(tc.max_questions),
-                     bool(tc.get("context_loss", True)))
+        b = lm_batch(train, mix, tok, int(tc.batch_size), int(tc.max_len), rng, int(tc.max_questions))
         params, opt_state, loss = step(params, opt_state, b["ids"], b["labels"])
         if progress:
             progress(i + 1, int(tc.steps))
