@@ -29,7 +29,7 @@ import ml_collections
 from blip2_jax import config_lib
 from blip2_jax.miniature import tiny
 
-DESIGN = 3           # bumped when what the phases compute changes: older workdirs are refused
+DESIGN = 4           # bumped when what the phases compute changes: older workdirs are refused
 VOCAB = 256          # capacity of both word-level vocabularies (the corpus has ~100 words)
 LM_IDS = dict(bos_token_id=2, pad_token_id=1, eos_token_id=4)  # unimodal.LM_SPECIALS: </s>, <pad>, "\n"
 DATASET = "synthetic_shapes"  # default config: 4000 / 250 / 250 scenes, 48 px, 1-2 shapes
@@ -41,7 +41,7 @@ TEXT_LEN = 24        # Q-Former tokens: the full scene description is up to ~20
 LLM_LEN = 28         # LM tokens after the soft prompt: BOS + caption + "\n"
 
 # phase -> (steps, fast steps)
-STEPS = {"vision": (1000, 600), "lm": (5000, 600), "stage1": (600, 200), "stage2": (2000, 200)}
+STEPS = {"vision": (1000, 1000), "lm": (5000, 2000), "stage1": (600, 300), "stage2": (2000, 600)}
 
 
 def _args(arg: str) -> tuple[str, dict]:
