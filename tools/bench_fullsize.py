@@ -1,6 +1,6 @@
 """Full-size generation benchmark: blip2_jax against transformers on a released architecture.
 
-    python tools/bench_fullsize.py --config full-opt-2.7b --torch-python PY [--train] [--int8]
+    python tools/bench_fullsize.py --config full-opt-2.7b --torch-python PY [--int8]
 
 1. Writes (once) a random checkpoint with the released architecture as the release does
    (tools/make_full_checkpoint.py, run by the PyTorch interpreter; cached outside the repository).
@@ -15,8 +15,7 @@
 4. Prints both sides side by side with ratios, and each of our phases as a fraction of its
    roofline: decoding max(bytes read / bandwidth, FLOPs / peak); image side and prefill FLOPs /
    peak (FLOPs from XLA's cost analysis of our programs, bytes from the parameter tree).
-`--train`: also one stage-2 training step at batch 2 (ours: the trainer's jitted step; theirs:
-forward, backward and AdamW on the Q-Former side). `--int8`: also our int8 weight-only row.
+`--int8`: also our int8 weight-only row.
 """
 from __future__ import annotations
 
@@ -53,8 +52,8 @@ import jax, jax.numpy as jnp, numpy as np
 from skimage import data
 import blip2_jax
 from blip2_jax import sharding
-d, dtype, quant, train = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-N, PROMPT = int(sys.argv[5]), sys.argv[6]
+d, dtype, quant = sys.argv[1], sys.argv[2], sys.argv[3]
+N, PROMPT = int(sys.argv[4]), sys.argv[5]
 def rss(): return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 out = {"import_s": time.perf_counter() - t_start, "rss_before_load": rss()}
@@ -105,9 +104,6 @@ leaves = jax.tree.leaves(lm)
 out["llm_bytes"] = int(sum(x.size * x.dtype.itemsize for x in leaves))
 out["llm_params"] = int(sum(x.size for x in leaves))
 out["peak_rss"] = hwm()
-if train:
-    out["train"] = __import__("bench_fullsize_train").ours_step(d, dtype)
-    out["peak_rss_train"] = hwm()
 print(json.dumps(out), flush=True)
 '''
 
@@ -120,8 +116,8 @@ from skimage import data
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 from transformers.utils import logging
 logging.set_verbosity_error(); logging.disable_progress_bar()
-d, dtype, train = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-N, PROMPT = int(sys.argv[4]), sys.argv[5]
+d, dtype = sys.argv[1], sys.argv[2]
+N, PROMPT = int(sys.argv[3]), sys.argv[4]
 def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 def rss(): return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 out = {"import_s": time.perf_counter() - t_start, "rss_before_load": rss(), "threads": torch.get_num_threads()}
@@ -155,9 +151,6 @@ for b in (1, 8):
     out[f"b{b}"] = {"image_s": img, "prefill_s": max(t1 - img, 0.0), "step_s": (tn - t1) / (N - 1), "total_s": tn,
                     "tok_per_s": b * N / tn}
 out["peak_rss"] = hwm()
-if train:
-    out["train"] = __import__("bench_fullsize_train").torch_step(model, proc, photo)
-    out["peak_rss_train"] = hwm()
 print(json.dumps(out), flush=True)
 '''
 
@@ -204,16 +197,16 @@ def limits(torch_python: str) -> dict:
     return {k: max(ours[k], theirs[k]) for k in ours} | {"jax": ours, "torch": theirs}
 
 
-def run_ours(d: str, dtype: str, quant: str, train: bool) -> dict:
+def run_ours(d: str, dtype: str, quant: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT / "tools"))
-    return _child([sys.executable, "-c", OURS, d, dtype, quant, str(int(train)), str(NEW_TOKENS), PROMPT], env,
+    return _child([sys.executable, "-c", OURS, d, dtype, quant, str(NEW_TOKENS), PROMPT], env,
                   f"blip2_jax ({dtype}, {quant})")
 
 
-def run_theirs(python: str, d: str, dtype: str, train: bool) -> dict:
+def run_theirs(python: str, d: str, dtype: str) -> dict:
     env = torch_env()
     env["PYTHONPATH"] = str(ROOT / "tools")
-    return _child([python, "-c", THEIRS, d, dtype, str(int(train)), str(NEW_TOKENS), PROMPT], env,
+    return _child([python, "-c", THEIRS, d, dtype, str(NEW_TOKENS), PROMPT], env,
                   f"transformers ({dtype})")
 
 
@@ -267,11 +260,6 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
             roof, frac = rf[b][key]
             print(f"| {b} | {phase} | {ours[f'b{b}'][f'{key}_s'] * 1e3:.0f} | {theirs[f'b{b}'][f'{key}_s'] * 1e3:.0f} "
                   f"| {roof * 1e3:.0f} | {frac:.0%} |")
-    if "train" in ours and "train" in theirs:
-        o, t = ours["train"], theirs["train"]
-        print(f"\n# stage-2 step, batch 2: ours {o['step_s']:.2f} s, transformers {t['step_s']:.2f} s "
-              f"({o['step_s'] / t['step_s']:.2f}x); peak RSS {ours['peak_rss_train'] / 2**30:.1f} vs "
-              f"{theirs['peak_rss_train'] / 2**30:.1f} GiB")
 
 
 def main():
@@ -280,7 +268,6 @@ def main():
     p.add_argument("--torch-python", required=True, help="a Python interpreter with torch + transformers")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--checkpoint", help="the checkpoint folder (default: the cache folder; written if absent)")
-    p.add_argument("--train", action="store_true", help="also time one stage-2 training step (batch 2)")
     p.add_argument("--int8", action="store_true", help="also our int8 weight-only row")
     p.add_argument("--json", help="also write every figure to this file")
     args = p.parse_args()
@@ -289,9 +276,9 @@ def main():
         subprocess.run([args.torch_python, str(ROOT / "tools" / "make_full_checkpoint.py"), args.config,
                         "--out", str(d)], check=True, env=torch_env())
     lim = limits(args.torch_python)
-    ours = run_ours(str(d), args.dtype, "none", args.train)
-    theirs = run_theirs(args.torch_python, str(d), args.dtype, args.train)
-    extra = {"blip2_jax int8": run_ours(str(d), args.dtype, "int8", False)} if args.int8 else {}
+    ours = run_ours(str(d), args.dtype, "none")
+    theirs = run_theirs(args.torch_python, str(d), args.dtype)
+    extra = {"blip2_jax int8": run_ours(str(d), args.dtype, "int8")} if args.int8 else {}
     lim_after = limits(args.torch_python)
     lim = {k: max(lim[k], lim_after[k]) for k in ("bandwidth", "peak_bfloat16", "peak_float32")} | {
         "jax": lim["jax"], "torch": lim["torch"]}
