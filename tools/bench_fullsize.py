@@ -62,6 +62,10 @@ kw = {} if quant == "none" else {"quantize": quant}
 model = blip2_jax.load(d, dtype=dtype, **kw)
 jax.block_until_ready(model.params)
 out["load_s"], out["rss_after_load"], out["hwm_after_load"] = time.perf_counter() - t, rss(), hwm()
+out["weight_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(model.params)))
+fresh = np.empty(1 << 30, np.uint8)  # pages the process never had: what loading must fill
+t = time.perf_counter(); fresh.fill(1); out["first_touch_bw"] = fresh.nbytes / (time.perf_counter() - t)
+del fresh
 p = model.predictor
 photo = data.chelsea()  # 300x451 photo, resized to 640x480 as a user's picture
 from PIL import Image
@@ -234,6 +238,10 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
           f"(JAX {lim['jax']['bandwidth'] / gb:.1f} GB/s, {lim['jax']['peak_bfloat16'] / gb:.0f}/"
           f"{lim['jax']['peak_float32'] / gb:.0f}; PyTorch {lim['torch']['bandwidth'] / gb:.1f} GB/s, "
           f"{lim['torch']['peak_bfloat16'] / gb:.0f}/{lim['torch']['peak_float32'] / gb:.0f})")
+    if "first_touch_bw" in ours:
+        rate = ours["weight_bytes"] / ours["load_s"]
+        print(f"# loading: {rate / gb:.2f} GB/s into fresh memory, whose first touch runs at "
+              f"{ours['first_touch_bw'] / gb:.2f} GB/s on this machine (same run): {rate / ours['first_touch_bw']:.0%}")
     rows = [("load (s)", "load_s"), ("first caption, compile included (s)", "first_s"),
             ("next caption (s)", "steady_s")]
     sides = {"blip2_jax": ours, "transformers": theirs, **extra}
