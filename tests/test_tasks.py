@@ -168,7 +168,7 @@ def test_next_token_alignment():
     np.testing.assert_array_equal(t, labels[:, 1:])
 
 
-@pytest.mark.parametrize("text", ["opt", "t5"])
+@pytest.mark.parametrize("text", ["opt", pytest.param("t5", marks=pytest.mark.slow)])
 def test_uint8_images_are_normalised_on_device(text):
     """`input.image_dtype="uint8"`: raw 0-255 pixels in the batch give the loss of the same
     pixels CLIP-normalised on the host (transforms.normalize, the float32 pipeline's)."""
