@@ -48,7 +48,7 @@ def test_generate_cases(setup, tier):
     _, model, ref, photos = setup
     failures = []
     cases = [c for c in ref["generate"] if (c["name"] in FAST_CASES) == (tier == "fast")]
-    assert len(cases) == (len(FAST_CASES) if tier == "fast" else len(ref["generate"]) - len(FAST_CASES))
+    assert set(FAST_CASES) <= {c["name"] for c in ref["generate"]}, "a fast case is missing from the goldens"
     for case in cases:
         got = generate_case(model, photos, case)
         if got != case["new_tokens"]:
