@@ -228,7 +228,7 @@ TRAINER_MEASURE = """
     with sharding.use(mesh):
         build.abstract_params(model, cfg)  # tracing the model's shapes (~30 MB, freed): not weights
         before = hwm_mib()
-        params = jax.block_until_ready(init.init_params(model, cfg, config, mesh, frozen_cast=False))
+        params = jax.block_until_ready(init.init_params(model, cfg, config, mesh, frozen_cast=True))
     trainable, frozen = train_state.split_and_cast(params, config)
     weights = sum(x.nbytes for x in jax.tree.leaves((trainable, frozen))) / 2**20
     print(json.dumps({"before": before, "peak": hwm_mib(), "weights": weights}))
