@@ -43,7 +43,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from torch_child import torch_env  # noqa: E402
-from make_full_checkpoint import CONFIGS, default_dir  # noqa: E402  (imports torch lazily)
+from make_full_checkpoint import CONFIGS, default_dir, processor_side_files  # noqa: E402  (torch lazily)
 
 PROMPT = "Question: what is in the picture? Answer:"
 NEW_TOKENS = 20
@@ -442,6 +442,8 @@ def main():
     if not (d / "model.safetensors.index.json").exists():
         subprocess.run([args.torch_python, str(ROOT / "tools" / "make_full_checkpoint.py"), args.config,
                         "--out", str(d)], check=True, env=torch_env())
+    cfg = json.loads((d / "config.json").read_text())  # checkpoints cached before the processor fix
+    processor_side_files(d, cfg["vision_config"]["image_size"], cfg["num_query_tokens"])
     lim = limits(args.torch_python)
     if args.train:
         figures = run_train(args, str(d), lim)
