@@ -18,11 +18,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from blip2_jax import sharding
+from blip2_jax import sharding, train_state
 from blip2_jax.models.blip2 import Blip2
 from blip2_jax.models.build import abstract_params, init_inputs
 from blip2_jax.models.configs import Blip2Config, OPTConfig
-from blip2_jax import train_state
 from blip2_jax.weights import bert_init, convert_opt, convert_t5, convert_vision, hf, placement
 from blip2_jax.weights.safetensors_io import WeightsError, open_checkpoint
 
