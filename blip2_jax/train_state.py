@@ -91,33 +91,22 @@ def cast_frozen(frozen: Mapping, dtype=jnp.bfloat16, keep_float32: str | None = 
     keep = re.compile(keep_float32) if keep_float32 else None
     out = {}
     for path, leaf in _flatten(frozen).items():
-        # quantized kernels keep their int8 values and float32 scales
-        if not isinstance(leaf, qwix.QArray) and leaf is not traverse_util.empty_node:
-            target = frozen_dtype(path, leaf.dtype, dtype, keep)
-            leaf = leaf if target == leaf.dtype else leaf.astype(target)
+        if isinstance(leaf, qwix.QArray):  # quantized kernels keep their int8 values and float32 scales
+            pass
+        elif leaf is not traverse_util.empty_node and jnp.issubdtype(leaf.dtype, jnp.floating):
+            if not (keep and keep.search("/".join(map(str, path)))) and leaf.dtype != jnp.dtype(dtype):
+                leaf = leaf.astype(dtype)
         out[path] = leaf
     return traverse_util.unflatten_dict(out)
-
-
-def frozen_dtype(path: tuple, leaf_dtype, dtype, keep: re.Pattern | None):
-    """The dtype a frozen leaf is held in: floating leaves in `dtype` unless `keep` (a regex on
-    the '/'-joined path) matches; others as they are."""
-    if not jnp.issubdtype(leaf_dtype, jnp.floating) or (keep and keep.search("/".join(map(str, path)))):
-        return jnp.dtype(leaf_dtype)
-    return jnp.dtype(dtype)
 
 
 def final_dtypes(abstract: Mapping, config) -> dict:
     """`abstract` (ShapeDtypeStructs) with each frozen leaf in the dtype `split_and_cast` gives
-    it: what the initialiser places directly, so a frozen tower never exists in float32."""
-    regexes = [re.compile(p) for p in config.frozen_patterns]
-    keep = re.compile(NORM_PATTERN)
-    out = {}
-    for path, leaf in _flatten(abstract).items():
-        if leaf is not traverse_util.empty_node and any(r.search("/".join(map(str, path))) for r in regexes):
-            leaf = jax.ShapeDtypeStruct(leaf.shape, frozen_dtype(path, leaf.dtype, config.model.frozen_param_dtype, keep))
-        out[path] = leaf
-    return traverse_util.unflatten_dict(out)
+    it (`cast_frozen`, traced): what the initialiser places directly, so a frozen tower never
+    exists in float32."""
+    trainable, frozen = split_params(abstract, list(config.frozen_patterns))
+    frozen = jax.eval_shape(lambda f: cast_frozen(f, config.model.frozen_param_dtype), frozen)
+    return merge_params(trainable, frozen)
 
 
 def split_and_cast(params: Mapping, config) -> tuple[dict, dict]:

@@ -30,7 +30,7 @@ def init_params(model: Blip2, cfg: Blip2Config, config, mesh, seed: int | None =
                 frozen_cast: bool = False) -> dict:
     """Parameters as sharded jax.Arrays from `config.init` (see the module docstring).
     `frozen_cast`: each frozen leaf is placed directly in the trainer's dtype for it
-    (`train_state.frozen_dtype`), so no float32 copy of a frozen tower is ever made."""
+    (`train_state.final_dtypes`), so no float32 copy of a frozen tower is ever made."""
     boxed = abstract_params(model, cfg)
     shardings = sharding.param_shardings(boxed, mesh)
     abstract = sharding.unbox(boxed)
