@@ -144,7 +144,7 @@ def create_state(config, mesh):
 
     model, model_cfg = build.build_model(config.model)
     task = tasks.get(config.task, model, config)
-    params = init_lib.init_params(model, model_cfg, config, mesh)  # sharded jax.Arrays
+    params = init_lib.init_params(model, model_cfg, config, mesh, frozen_cast=True)  # sharded jax.Arrays
     trainable, frozen = train_state.split_and_cast(params, config)
     del params
     logging.info("parameters: trainable %.2fM, frozen %.2fM", _count(trainable) / 1e6, _count(frozen) / 1e6)

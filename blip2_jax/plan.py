@@ -170,17 +170,6 @@ def batch_shapes(config, task, batch: int) -> dict:
     return out
 
 
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-    import jax
-    import numpy as np
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def abstract_step_inputs(config, mesh):
     """(train step, its abstract arguments (state, frozen, batch, rng), task) on `mesh`: the
     trainer's own functions, with ShapeDtypeStructs instead of arrays (nothing allocated)."""
@@ -255,7 +244,7 @@ def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "", 
                 if oom is None:
                     raise
         compile_s = time.time() - t0
-    args = per_device_bytes((state, frozen, batch))
+    args = sharding.per_device_bytes((state, frozen, batch))
     if source == "compiled":
         mem = compiled.memory_analysis()
         args, out, alias, temp = (int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
@@ -264,19 +253,20 @@ def plan(config, devices, device_kind: str, hbm_bytes: int, topology: str = "", 
         peak = max(peak, args + out - alias + temp + int(mem.generated_code_size_in_bytes))
     elif source == "oom":  # the TPU compiler refuses programs that do not fit; it says what they need
         temp, hbm_bytes = oom
-        out = alias = per_device_bytes(state)
+        out = alias = sharding.per_device_bytes(state)
         peak = args + temp
     else:  # traced only: gradients and kept activations, not XLA's other temporaries
-        out = alias = per_device_bytes(state)
-        temp = per_device_bytes(state.params) + acts
+        out = alias = sharding.per_device_bytes(state)
+        temp = sharding.per_device_bytes(state.params) + acts
         peak = args + temp
     flops = step_flops(config) / len(devices)
     peak_flops = next((v for k, v in trainer.PEAK_FLOPS.items() if device_kind.startswith(k)), None)
     return Plan(topology=topology, devices=len(devices), device_kind=device_kind,
                 mesh=tuple(int(v) for v in mesh.shape.values()), batch=batch_size,
                 remat=str(config.model.remat_policy), accum=accum,
-                trainable_bytes=per_device_bytes(state.params), frozen_bytes=per_device_bytes(frozen),
-                optimizer_bytes=per_device_bytes(state.opt_state), activation_bytes=acts,
+                trainable_bytes=sharding.per_device_bytes(state.params),
+                frozen_bytes=sharding.per_device_bytes(frozen),
+                optimizer_bytes=sharding.per_device_bytes(state.opt_state), activation_bytes=acts,
                 argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
                 peak_bytes=peak, hbm_bytes=int(hbm_bytes), flops=flops, peak_flops=peak_flops,
                 compile_s=compile_s, source=source)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
-
 GIB = 1024 ** 3
 RELEASED = (("OPT-2.7B", "vitg_opt2.7b"), ("OPT-6.7B", "vitg_opt6.7b"), ("FlanT5-XL", "vitg_flant5xl"),
             ("FlanT5-XXL", "vitg_flant5xxl"), ("ITM ViT-g", "pretrain_vitg"))
@@ -113,16 +111,6 @@ def programs(model, cfg, params, mesh, batch: int, prompt_len: int, new_tokens: 
     return out
 
 
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-    import jax
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def plan(name: str, preset: str, topology: str, devices, hbm: int, quantize: str = "none", batch: int = 8,
          prompt_len: int = 32, new_tokens: int = 64, compile: bool = True, log=print) -> InferencePlan:
     """Compiles (or traces) the serving programs of `preset` for `devices` (a topology's, from
@@ -134,7 +122,7 @@ def plan(name: str, preset: str, topology: str, devices, hbm: int, quantize: str
 
     mesh = sharding.make_mesh((1, len(devices), 1), devices=devices)
     model, cfg, params = abstract_inputs(preset, mesh, quantize)
-    weights = per_device_bytes(params)
+    weights = sharding.per_device_bytes(params)
     kv = kv_cache_bytes(cfg, batch, prompt_len, new_tokens, len(devices))
     peak = temp = 0
     t0 = time.time()
@@ -144,7 +132,7 @@ def plan(name: str, preset: str, topology: str, devices, hbm: int, quantize: str
         for what, fn, args in programs(model, cfg, params, mesh, batch, prompt_len, new_tokens):
             lowered = fn.lower(*args)
             if not compile:  # the decoding loop's state (KV cache) is its main temporary
-                outs = per_device_bytes(jax.eval_shape(fn, *args))
+                outs = sharding.per_device_bytes(jax.eval_shape(fn, *args))
                 peak = max(peak, weights + (kv if what == "generate" else 0) + outs)
                 continue
             try:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import qwix
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from blip2_jax import frozen
@@ -104,8 +105,8 @@ def quantize_params(params: Mapping, mode: str, shardings: Mapping | None = None
     """Every kernel `rules(mode)` selects replaced by its QArray (quantized on its devices, one
     leaf at a time). `shardings`: the float tree's NamedShardings (default: each leaf's own);
     the quantized leaves get the matching ones (`shard_like`)."""
-    flat = _flatten(params)
-    flat_sh = _flatten(shardings) if shardings is not None else {}
+    flat = traverse_util.flatten_dict(params)
+    flat_sh = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     out = {}
     for path, leaf in flat.items():
         qtype = qtype_of(path, mode)
@@ -118,7 +119,7 @@ def quantize_params(params: Mapping, mode: str, shardings: Mapping | None = None
         sh = flat_sh.get(path, getattr(leaf, "sharding", None))
         out_sh = shard_like(sh, leaf.ndim, qtype) if isinstance(sh, NamedSharding) else None
         out[path] = jax.jit(quantize_kernel, static_argnums=1, out_shardings=out_sh)(leaf, qtype)
-    return _unflatten(out)
+    return traverse_util.unflatten_dict(out)
 
 
 def shard_like(kernel_sharding: NamedSharding, ndim: int, qtype) -> qwix.QArray:
@@ -133,9 +134,10 @@ def shard_like(kernel_sharding: NamedSharding, ndim: int, qtype) -> qwix.QArray:
 
 def quantized_shardings(shardings: Mapping, abstract: Mapping, mode: str) -> dict:
     """A float tree's shardings -> the quantized tree's (QArrays of shardings where quantized)."""
-    flat_a = _flatten(abstract)
-    return _unflatten({p: (shard_like(s, len(flat_a[p].shape), q) if (q := qtype_of(p, mode)) is not None else s)
-                       for p, s in _flatten(shardings).items()})
+    flat_a = traverse_util.flatten_dict(abstract)
+    return traverse_util.unflatten_dict(
+        {p: (shard_like(s, len(flat_a[p].shape), q) if (q := qtype_of(p, mode)) is not None else s)
+         for p, s in traverse_util.flatten_dict(shardings).items()})
 
 
 def abstract(tree: Mapping, mode: str) -> dict:
@@ -149,7 +151,7 @@ def abstract(tree: Mapping, mode: str) -> dict:
         qs = shard_like(sh, len(shape), qtype) if isinstance(sh, NamedSharding) else None
         return qwix.QArray(jax.ShapeDtypeStruct(shape, qtype, sharding=qs and qs.qvalue),
                            jax.ShapeDtypeStruct(shape[:-1] + (1,), jnp.float32, sharding=qs and qs.scale), None, qtype)
-    return _unflatten({p: one(p, x) for p, x in _flatten(tree).items()})
+    return traverse_util.unflatten_dict({p: one(p, x) for p, x in traverse_util.flatten_dict(tree).items()})
 
 
 # ------------------------------------------------------------------------------ on the host
@@ -208,26 +210,6 @@ def streaming_dot(x: jax.Array, kernel: qwix.QArray) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ trees
-def _flatten(tree, prefix=()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = v
-    return out
-
-
 def tree_bytes(tree) -> int:
     """Bytes of a params tree, quantized leaves counted at their storage size (int4: half a byte)."""
     total = 0

@@ -94,10 +94,19 @@ def cast_frozen(frozen: Mapping, dtype=jnp.bfloat16, keep_float32: str | None = 
         if isinstance(leaf, qwix.QArray):  # quantized kernels keep their int8 values and float32 scales
             pass
         elif leaf is not traverse_util.empty_node and jnp.issubdtype(leaf.dtype, jnp.floating):
-            if not (keep and keep.search("/".join(map(str, path)))):
+            if not (keep and keep.search("/".join(map(str, path)))) and leaf.dtype != jnp.dtype(dtype):
                 leaf = leaf.astype(dtype)
         out[path] = leaf
     return traverse_util.unflatten_dict(out)
+
+
+def final_dtypes(abstract: Mapping, config) -> dict:
+    """`abstract` (ShapeDtypeStructs) with each frozen leaf in the dtype `split_and_cast` gives
+    it (`cast_frozen`, traced): what the initialiser places directly, so a frozen tower never
+    exists in float32."""
+    trainable, frozen = split_params(abstract, list(config.frozen_patterns))
+    frozen = jax.eval_shape(lambda f: cast_frozen(f, config.model.frozen_param_dtype), frozen)
+    return merge_params(trainable, frozen)
 
 
 def split_and_cast(params: Mapping, config) -> tuple[dict, dict]:

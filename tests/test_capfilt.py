@@ -62,6 +62,7 @@ def test_candidates_and_selection():
     assert capfilt.batch_seed(0, 1, 2) == capfilt.batch_seed(0, 1, 2) != capfilt.batch_seed(0, 2, 1)
 
 
+@pytest.mark.slow
 def test_step_samples_scores_and_keeps_like_the_models_do(models):
     cap, sc = models
     images = [Image.open(io.BytesIO(jpeg(k))) for k in range(3)]

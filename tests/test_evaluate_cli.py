@@ -45,6 +45,7 @@ def test_bad_input_is_one_line_error(args, message):
 
 
 # ------------------------------------------------------------------------------ --model
+@pytest.mark.slow
 def test_cli_vqav2_on_fake_corpus(tmp_path):
     manual = tmp_path / "vqa"
     _vqa_copy(manual, "v2_OpenEnded_mscoco_val2014_questions.json",

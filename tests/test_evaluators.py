@@ -149,6 +149,7 @@ def test_gqa_exact_match_and_submission_format(tmp_path):
 
 
 # ------------------------------------------------------------------------------ captions
+@pytest.mark.slow
 def test_caption_scores_and_results_file(tmp_path):
     manual = tmp_path / "coco"
     caps = {0: ["a man riding a red bicycle down a busy city street", "a cyclist in traffic"],
@@ -256,6 +257,7 @@ def test_shapes_vqa_and_registry(tmp_path):
     assert 0 < got["shapes_vqa/accuracy"] < 100
 
 
+@pytest.mark.slow
 def test_shapes_caption_and_retrieval_run(tmp_path):
     builders.prepare_dataset("synthetic_shapes/tiny", tmp_path / "tfds")
     records = _shapes_records(tmp_path)
@@ -349,6 +351,7 @@ def test_model_predictor_itc_itm_like_transformers():
     np.testing.assert_allclose(itm.reshape(2, 3), npz["itm_logits"][..., 1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_trainer_entry_point_builds_the_model_predictor(tmp_path):
     """`run(trainable, frozen)` as the trainer calls it: a retrieval evaluator over the tiny
     retrieval checkpoint gives the same numbers as the same predictor driven directly."""

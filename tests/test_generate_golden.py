@@ -39,10 +39,17 @@ def generate_case(model, photos, case):
 
 
 
-def test_generate_cases(setup):
+# The fast tier's slice: greedy, plain beam search, and beam search with early stopping.
+FAST_CASES = ("greedy_prompts", "beam3", "beam4_lp_neg1_early")
+
+
+@pytest.mark.parametrize("tier", ["fast", pytest.param("rest", marks=pytest.mark.slow)])
+def test_generate_cases(setup, tier):
     _, model, ref, photos = setup
     failures = []
-    for case in ref["generate"]:
+    cases = [c for c in ref["generate"] if (c["name"] in FAST_CASES) == (tier == "fast")]
+    assert set(FAST_CASES) <= {c["name"] for c in ref["generate"]}, "a fast case is missing from the goldens"
+    for case in cases:
         got = generate_case(model, photos, case)
         if got != case["new_tokens"]:
             failures.append(f"{case['name']}: got {got}, expected {case['new_tokens']}")

@@ -316,7 +316,7 @@ def _stage1_model(b: int, t: int, v: int = 40):
         lambda p, x: x * 16.0 if getattr(p[-1], "key", "") in ("kernel", "word_embeddings") else x,
         params["qformer"])
     params["qformer"]["temp"] = jnp.asarray(0.001, jnp.float32)
-    r = np.random.default_rng(5)
+    r = np.random.default_rng(4)  # a draw whose hardest negatives are unambiguous (checked below)
     lengths = r.integers(3, t + 1, size=b)
     mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
     ids = np.where(mask == 1, r.integers(6, v, size=(b, t)), 0).astype(np.int32)

@@ -145,6 +145,7 @@ def test_caption_scores_hand_checked(our_caption_scores):
     assert "SPICE" not in s
 
 
+@pytest.mark.slow
 @needs_java
 def test_caption_scores_match_coco_eval_cap(our_caption_scores, monkeypatch):
     """pycocoevalcap's own COCOEvalCap on the same captions (SPICE stubbed: its jars are

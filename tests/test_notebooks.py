@@ -47,6 +47,7 @@ def test_pinned_versions_are_the_tested_ones(name):
         assert importlib.metadata.version(package) == version, package
 
 
+@pytest.mark.slow
 def test_inference_notebook_runs():
     nb = _execute("blip2_inference.ipynb")
     text = _text(nb)

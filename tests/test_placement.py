@@ -162,3 +162,90 @@ def test_peak_host_memory_within_1_1x_the_placed_weights(tmp_path):
               f"({grown / m['weights']:.3f}x) in {m['seconds']:.2f} s; peak {m['peak']:.0f} MiB vs "
               f"{float(only_jax.stdout):.0f} MiB for a process that only imports jax")
         assert grown <= 1.1 * m["weights"], (dtype, scan, m)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer's initialisation from a transformers directory (weights/init.py, source "hf")
+# ----------------------------------------------------------------------------------------------
+def trainer_init_config(directory: str, frozen_dtype: str = "bfloat16"):
+    """What `init_params` reads of a trainer config: start from `directory`, towers frozen."""
+    import ml_collections
+
+    from blip2_jax import train_state
+    return ml_collections.ConfigDict({
+        "seed": 0, "frozen_patterns": list(train_state.DEFAULT_FROZEN_PATTERNS),
+        "init": {"source": "hf", "hf_dir": directory},
+        "model": {"frozen_param_dtype": frozen_dtype, "quantize_frozen": "none"}})
+
+
+@pytest.mark.parametrize("stored", [np.float32, ml_dtypes.bfloat16])
+def test_trainer_init_places_frozen_towers_in_their_final_dtype(tmp_path, stored):
+    """Frozen leaves placed directly in the trainer's dtype give exactly what placing in float32
+    and casting afterwards gives (the old path, which held a float32 copy of both towers)."""
+    from blip2_jax import train_state
+    from blip2_jax.weights import init
+    directory = str(GOLDEN / "blip2_opt") if stored is np.float32 else stored_as(tmp_path, "blip2_opt", stored)
+    cfg, _ = hf.read_config(directory)
+    model = Blip2(cfg, scan_layers=True)
+    config = trainer_init_config(directory)
+    mesh = sharding.make_mesh((1, 4, 2))
+    with sharding.use(mesh):
+        direct = init.init_params(model, cfg, config, mesh, frozen_cast=True)
+        later = init.init_params(model, cfg, config, mesh)
+    after_split = train_state.split_and_cast(direct, config)
+    want = train_state.split_and_cast(later, config)
+    for got, ref in zip(after_split, want):
+        flat_got, flat_ref = placement.flatten(got), placement.flatten(ref)
+        assert flat_got.keys() == flat_ref.keys()
+        for path, x in flat_got.items():
+            assert x.dtype == flat_ref[path].dtype and x.sharding == flat_ref[path].sharding, path
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_ref[path]), err_msg=str(path))
+    # nothing is cast again after placing: split_and_cast hands back the placed arrays themselves
+    flat_direct = placement.flatten(direct)
+    frozen = placement.flatten(after_split[1])
+    assert frozen and all(x is flat_direct[p] for p, x in frozen.items())
+    assert {np.dtype(x.dtype).name for p, x in frozen.items() if p[-1] == "kernel"} == {"bfloat16"}
+
+
+TRAINER_MEASURE = """
+    import json, re, sys
+    import jax
+    from blip2_jax import sharding, train_state
+    from blip2_jax.models import build
+    from blip2_jax.models.blip2 import Blip2
+    from blip2_jax.weights import hf, init
+    from tests.test_placement import trainer_init_config
+
+    def hwm_mib():
+        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    directory = sys.argv[1]
+    jax.devices()
+    cfg, _ = hf.read_config(directory)
+    model = Blip2(cfg, scan_layers=False)
+    config = trainer_init_config(directory)
+    mesh = sharding.single_device_mesh()
+    with sharding.use(mesh):
+        build.abstract_params(model, cfg)  # tracing the model's shapes (~30 MB, freed): not weights
+        before = hwm_mib()
+        params = jax.block_until_ready(init.init_params(model, cfg, config, mesh, frozen_cast=True))
+    trainable, frozen = train_state.split_and_cast(params, config)
+    weights = sum(x.nbytes for x in jax.tree.leaves((trainable, frozen))) / 2**20
+    print(json.dumps({"before": before, "peak": hwm_mib(), "weights": weights}))
+"""
+
+
+@pytest.mark.slow
+def test_trainer_init_peak_host_memory_within_1_1x_its_weights(tmp_path):
+    """The trainer's start from a float32 transformers directory with bfloat16 frozen towers: peak
+    host memory grows by at most 1.1x the placed weights (a float32 copy of the towers would be
+    about 1.9x)."""
+    write_checkpoint(tmp_path / "ckpt")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", OPENBLAS_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(TRAINER_MEASURE), str(tmp_path / "ckpt")],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    m = json.loads(run.stdout.strip().splitlines()[-1])
+    grown = m["peak"] - m["before"]
+    print(f"trainer init: weights {m['weights']:.0f} MiB, peak grew {grown:.0f} MiB ({grown / m['weights']:.3f}x)")
+    assert grown <= 1.1 * m["weights"], m

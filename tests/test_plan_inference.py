@@ -13,7 +13,7 @@ from blip2_jax.weights import hf
 from tests.conftest import GOLDEN, ROOT
 
 
-@pytest.mark.parametrize("case", ["blip2_opt", "blip2_t5"])
+@pytest.mark.parametrize("case", ["blip2_opt", pytest.param("blip2_t5", marks=pytest.mark.slow)])
 def test_compiled_plan_of_a_tiny_model(case):
     cfg, _ = hf.read_config(str(GOLDEN / case))
     devices = jax.devices()[:2]

@@ -14,6 +14,8 @@ import pytest
 from blip2_jax import main, preflight, quant, sharding, train_state
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # trainer set-ups: left out of ./run_tests.sh --fast
+
 # Measured on the tiny stage-2 model (random init, one batch; float32 frozen towers as the tiny
 # config keeps them): |loss int8 - loss float| 4e-5 (loss 10.83); cosine of the projection's
 # gradients 0.9994. Bounds with margin:

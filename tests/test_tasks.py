@@ -168,7 +168,7 @@ def test_next_token_alignment():
     np.testing.assert_array_equal(t, labels[:, 1:])
 
 
-@pytest.mark.parametrize("text", ["opt", "t5"])
+@pytest.mark.parametrize("text", ["opt", pytest.param("t5", marks=pytest.mark.slow)])
 def test_uint8_images_are_normalised_on_device(text):
     """`input.image_dtype="uint8"`: raw 0-255 pixels in the batch give the loss of the same
     pixels CLIP-normalised on the host (transforms.normalize, the float32 pipeline's)."""
@@ -184,5 +184,9 @@ def test_uint8_images_are_normalised_on_device(text):
     c.input.image_dtype = "float32"
     as_float = tasks.get("lm", model, c).loss(params, dict(_batch(text), image=host), jax.random.key(0))[0]
     np.testing.assert_allclose(float(as_uint8), float(as_float), rtol=1e-5)
-    assert abs(float(as_uint8) - float(tasks.get("lm", model, c).loss(
-        params, dict(_batch(text), image=raw.astype(np.float32)), jax.random.key(0))[0])) > 1e-3
+    # ... and not the loss of the unnormalised pixels: the difference is many times the
+    # tolerance of the equality above (the tiny random LM barely reads its soft prompt, so the
+    # difference itself is small)
+    unnormalised = float(tasks.get("lm", model, c).loss(
+        params, dict(_batch(text), image=raw.astype(np.float32)), jax.random.key(0))[0])
+    assert abs(float(as_uint8) - unnormalised) > 10 * 1e-5 * abs(float(as_float))

@@ -153,7 +153,7 @@ def test_stage2_from_stage1_workdir(reference, tmp_path, data_dir):
     config.init.source, config.init.stage1_workdir = "stage1", str(reference)
     model, cfg = build.build_model(config.model)
     abstract = sharding.unbox(build.abstract_params(model, cfg))
-    loaded = init.load_sources(cfg, config, abstract)
+    loaded, _ = init.load_sources(cfg, config, abstract)
     stage1 = ocp.StandardCheckpointer().restore(reference / "checkpoints" / str(STEPS) / "state")["params"]
     # the whole query path of the Q-Former and ln_vision come from stage 1 ...
     flat_loaded, flat_s1 = init._flatten(loaded["qformer"]), init._flatten(stage1["qformer"])

@@ -2,7 +2,7 @@
 a plain loop over the Python API, same model, same images, same process, one run.
 
     python tools/bench_annotate.py [--config small] [--images 64] [--batch 16] [--new-tokens 20]
-        [--workers 2] [--repeats 2]
+        [--workers 2] [--repeats 2] [--dir CHECKPOINT --dtype bfloat16]
 
 The checkpoint is random (tiny / small as in tools/bench_generate.py: small = ViT 224/14 12x384,
 Q-Former 6x384 with 32 queries, OPT-style 12x768, vocabulary 50272), written once to a temporary
@@ -90,6 +90,9 @@ def main():
     p.add_argument("--new-tokens", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dir", help="an existing checkpoint (e.g. tools/make_full_checkpoint.py's full size) "
+                                 "instead of a random --config one")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
 
     import jax
@@ -101,11 +104,14 @@ def main():
         ckpt, photos = os.path.join(tmp, "ckpt"), os.path.join(tmp, "photos")
         os.makedirs(photos)
         t = time.perf_counter()
-        make_checkpoint(args.config, ckpt)
+        if args.dir:
+            ckpt = args.dir
+        else:
+            make_checkpoint(args.config, ckpt)
         paths = make_images(photos, args.images)
         print(f"# checkpoint + {len(paths)} images in {time.perf_counter() - t:.0f} s; "
               f"{jax.device_count()} {jax.default_backend()} device(s), {os.cpu_count()} cores", flush=True)
-        model = blip2_jax.load(ckpt)
+        model = blip2_jax.load(ckpt, dtype=args.dtype)
         opts = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
         shards = annotation.list_shards(photos, shard_size=args.images)
         run_id = iter(range(10**6))
@@ -138,9 +144,10 @@ def main():
         print(f"| config | side | images/s | seconds for {len(paths)} images |")
         print("|---|---|---|---|")
         for name, sec in best.items():
-            print(f"| {args.config} | {name} | {len(paths) / sec:.2f} | {sec:.1f} |")
+            print(f"| {args.dir and os.path.basename(args.dir.rstrip('/')) or args.config} | {name} | "
+                  f"{len(paths) / sec:.2f} | {sec:.1f} |")
         print(f"# batch {args.batch}, {args.new_tokens} new tokens (greedy), {args.workers} decoding threads, "
-              f"float32, load average {load:.1f}")
+              f"{args.dtype}, load average {load:.1f}")
 
 
 if __name__ == "__main__":

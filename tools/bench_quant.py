@@ -91,14 +91,32 @@ def main() -> None:
             rows.append(dict(batch=batch, frozen="bfloat16" if q == "none" else "int8", step_ms=step * 1e3,
                              tokens_per_s=batch / step, bytes_per_step=nbytes, gb_per_s=nbytes / step / 1e9))
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["frozen"] == "bfloat16"}
-    print("| batch | frozen towers | ms / step | tokens/s | vs bfloat16 | MB / step | GB/s |")
-    print("|---|---|---|---|---|---|---|")
+    bw = read_bandwidth()
+    print(f"machine read bandwidth (same run, a reduction over 1 GiB): {bw / 1e9:.1f} GB/s")
+    print("| batch | frozen towers | ms / step | tokens/s | vs bfloat16 | MB / step | GB/s | of bandwidth |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['frozen']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} | "
-              f"{r['tokens_per_s'] / base[r['batch']]:.2f}x | {r['bytes_per_step'] / 1e6:.0f} | {r['gb_per_s']:.2f} |")
-    print(json.dumps(dict(rows=rows, load_average=os.getloadavg()[0])))
+              f"{r['tokens_per_s'] / base[r['batch']]:.2f}x | {r['bytes_per_step'] / 1e6:.0f} | {r['gb_per_s']:.2f} | "
+              f"{r['gb_per_s'] * 1e9 / bw:.0%} |")
+    print(json.dumps(dict(rows=rows, bandwidth=bw, load_average=os.getloadavg()[0])))
     for batch in map(int, args.batches.split(",")):
         print(json.dumps({"batch": batch, "ops_ms": op_times(models, batch, args.repeats)}))
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a float32 sum over 1 GiB (best of 5): the machine's read bandwidth."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((2**28,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    jax.block_until_ready(f(x))
+    best = 1e9
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        best = min(best, time.perf_counter() - t)
+    return x.nbytes / best
 
 
 def op_times(models, batch: int, repeats: int) -> dict:
@@ -108,6 +126,7 @@ def op_times(models, batch: int, repeats: int) -> dict:
     import jax.numpy as jnp
 
     from blip2_jax import quant
+    from blip2_jax.models import layers
 
     def best(f, *a):
         f = jax.jit(f)
@@ -123,9 +142,9 @@ def op_times(models, batch: int, repeats: int) -> dict:
     emb = lm["none"]["embed_tokens"]["embedding"]
     x = jnp.ones((batch, emb.shape[1]), jnp.bfloat16)
     fc1 = {q: p["layers_0"]["fc1"]["kernel"] for q, p in lm.items()}
-    return {"output head (bfloat16)": best(lambda h, e: jnp.einsum("bd,vd->bv", h, e,
-                                                                     preferred_element_type=jnp.float32), x, emb),
-            "fc1 bfloat16": best(lambda h, k: jnp.dot(h, k), x, fc1["none"]),
+    return {"output head (bfloat16)": best(lambda h, e: layers.linear(h, e, jnp.bfloat16, transposed=True,
+                                                                     out_dtype=jnp.float32), x, emb),
+            "fc1 bfloat16": best(lambda h, k: layers.linear(h, k, jnp.bfloat16, transposed=True), x, fc1["none"]),
             "fc1 int8": best(lambda h, k: quant.dense(h, k, jnp.bfloat16), x, fc1["int8"])}
 
 

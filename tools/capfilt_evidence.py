@@ -1,7 +1,7 @@
 """CapFilt in miniature: with noisy web captions, does CapFilt give stage 1 better captions, and a
 better model? (paper §3.4; the figures in docs/data.md come from this script)
 
-    python tools/capfilt_evidence.py --workdir W [--seeds 3] [--images 4000] [--noise 0.5]
+    python tools/capfilt_evidence.py --workdir W [--seeds 5] [--images 4000] [--noise 0.5]
         [--miniature_src DIR]
 
 Steps (each skipped when its output exists, so a rerun continues):
@@ -154,10 +154,19 @@ def mentions(caption: str) -> set[tuple[str, str]]:
     return {(a, b) for a, b in zip(words, words[1:]) if a in ss.COLOURS and b in ss.SHAPES}
 
 
+def word_precision(caption: str, truth: set[str], vocabulary) -> float | None:
+    """The share of a caption's words from `vocabulary` (colours or shapes) that the scene has;
+    None when it names none."""
+    named = {w for w in re.findall(r"[a-z]+", caption.lower()) if w in vocabulary}
+    return len(named & truth) / len(named) if named else None
+
+
 def caption_quality(captions: dict[int, list[str]], objects: dict[int, list]) -> dict[str, float]:
     """Mean over images (and over an image's captions: training samples one per step) of:
-    faithful, wrong (a named object that is not in the scene), object recall."""
-    faithful, wrong, recall = [], [], []
+    faithful, wrong (a named object that is not in the scene), object recall; and over captions
+    naming any, the precision of colour words and of shape words taken alone."""
+    from blip2_jax.data.builders import synthetic_shapes as ss
+    faithful, wrong, recall, colour, shape = [], [], [], [], []
     for iid, caps in captions.items():
         truth = set(map(tuple, objects[iid]))
         f, w, r = [], [], []
@@ -166,11 +175,15 @@ def caption_quality(captions: dict[int, list[str]], objects: dict[int, list]) ->
             f.append(bool(m) and m <= truth)
             w.append(bool(m - truth))
             r.append(len(m & truth) / len(truth))
+            colour.append(word_precision(c, {o[0] for o in truth}, ss.COLOURS))
+            shape.append(word_precision(c, {o[1] for o in truth}, ss.SHAPES))
         faithful.append(np.mean(f))
         wrong.append(np.mean(w))
         recall.append(np.mean(r))
+    named = lambda xs: float(np.mean([x for x in xs if x is not None])) if any(x is not None for x in xs) else 0.0  # noqa: E731
     return {"faithful": float(np.mean(faithful)), "wrong": float(np.mean(wrong)),
-            "object_recall": float(np.mean(recall)), "images": len(captions)}
+            "object_recall": float(np.mean(recall)), "colour_precision": named(colour),
+            "shape_precision": named(shape), "images": len(captions)}
 
 
 def read_dataset(name: str, data_dir: str) -> dict[int, dict]:
@@ -218,16 +231,17 @@ def retrieval(workdir: str, dataset: str, data_dir: str) -> dict[str, float]:
 
 
 def spread(values: list[float]) -> str:
+    """Mean ± standard deviation over seeds of recalls already in percent."""
     mean = statistics.mean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+    return f"{mean:.1f} ± {sd:.1f}"
 
 
 # ------------------------------------------------------------------------------ the run
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--noise", type=float, default=0.5)
     p.add_argument("--miniature_src", default=ROOT, help="the project copy whose miniature makes the models")
@@ -325,10 +339,14 @@ def quality(w: str, res: dict) -> dict:
 
 def report(res: dict, seeds: int) -> str:
     q = res["quality"]
-    lines = ["| captions | faithful | name an absent object | object recall |", "|---|---|---|---|"]
+    lines = ["| captions | faithful | name an absent object | object recall | colour words right "
+             "| shape words right |", "|---|---|---|---|---|---|"]
     for k, label in (("web", "web (noisy)"), ("capfilt", "CapFilt kept"), ("true", "true caption")):
         lines.append(f"| {label} | {100 * q[k]['faithful']:.1f} % | {100 * q[k]['wrong']:.1f} % | "
-                     f"{100 * q[k]['object_recall']:.1f} % |")
+                     f"{100 * q[k]['object_recall']:.1f} % | {100 * q[k]['colour_precision']:.1f} % | "
+                     f"{100 * q[k]['shape_precision']:.1f} % |")
+    lines += ["", "| web caption was | kept by CapFilt |", "|---|---|"]
+    lines += [f"| {kind} | {100 * q[f'web_kept/{kind}']:.1f} % |" for kind in ("clean",) + NOISE_KINDS]
     lines += ["", "| stage 1 trained on | TR@1 (ITM) | IR@1 (ITM) | TR@1 (ITC) | IR@1 (ITC) | per seed TR@1 / IR@1 |",
               "|---|---|---|---|---|---|"]
     for variant in ("noisy", "capfilt", "clean"):
@@ -336,10 +354,27 @@ def report(res: dict, seeds: int) -> str:
                 if f"{variant}/seed_{s}" in res["stage1"]]
         if not runs:
             continue
-        per = ", ".join(f"{100 * r['txt_r1']:.1f} / {100 * r['img_r1']:.1f}" for r in runs)
+        per = ", ".join(f"{r['txt_r1']:.1f} / {r['img_r1']:.1f}" for r in runs)
         lines.append(f"| {variant} | {spread([r['txt_r1'] for r in runs])} | {spread([r['img_r1'] for r in runs])} | "
                      f"{spread([r['itc_txt_r1'] for r in runs])} | {spread([r['itc_img_r1'] for r in runs])} | {per} |")
+    pairs = [s for s in range(seeds) if f"noisy/seed_{s}" in res["stage1"] and f"capfilt/seed_{s}" in res["stage1"]]
+    if len(pairs) > 1:
+        lines += ["", f"CapFilt minus noisy, paired by seed ({len(pairs)} seeds): mean and 95 % interval (t)"]
+        for metric, label in (("txt_r1", "TR@1 (ITM)"), ("img_r1", "IR@1 (ITM)"), ("itc_txt_r1", "TR@1 (ITC)"),
+                              ("itc_img_r1", "IR@1 (ITC)")):
+            d = [res["stage1"][f"capfilt/seed_{s}"]["retrieval"][metric] - res["stage1"][f"noisy/seed_{s}"]["retrieval"][metric]
+                 for s in pairs]
+            mean, half = paired_interval(d)
+            lines.append(f"- {label}: {mean:+.1f} points, [{mean - half:+.1f}, {mean + half:+.1f}]; "
+                         f"per seed {', '.join(f'{x:+.1f}' for x in d)}")
     return "\n".join(lines)
+
+
+def paired_interval(d: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95 % t interval) of paired differences."""
+    from scipy import stats
+    n = len(d)
+    return statistics.mean(d), float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(d) / n ** 0.5
 
 
 if __name__ == "__main__":

@@ -124,15 +124,30 @@ def write(name: str, out: pathlib.Path) -> None:
               "processor_config.json"):
         if (src / f).exists():
             shutil.copy(src / f, out / f)
-    proc = json.loads((out / "preprocessor_config.json").read_text())
-    proc["size"] = {"height": 224, "width": 224}
-    (out / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
+    processor_side_files(out, image_size=VIT_G["image_size"], queries=config.num_query_tokens)
     gen_cfg = {"bos_token_id": text.get("bos_token_id"), "eos_token_id": eos, "pad_token_id": text["pad_token_id"],
                "decoder_start_token_id": text.get("decoder_start_token_id")}
     (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen_cfg.items() if v is not None},
                                                            indent=2))
     (out / "full_checkpoint.json").write_text(json.dumps({"name": name, "bytes": total, "shards": len(shards)}))
     print(f"{name}: {total / 2**30:.2f} GiB in {len(shards)} shards -> {out}")
+
+
+def processor_side_files(out: pathlib.Path, image_size: int, queries: int) -> None:
+    """The processor files copied from a tiny golden case, set to the released model's image size
+    and query count: both preprocessor_config.json and processor_config.json (transformers'
+    Blip2Processor takes its image size from the latter's `image_processor` and inserts
+    `num_query_tokens` image tokens)."""
+    proc = json.loads((out / "preprocessor_config.json").read_text())
+    proc["size"] = {"height": image_size, "width": image_size}
+    (out / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
+    path = out / "processor_config.json"
+    if path.exists():
+        both = json.loads(path.read_text())
+        if "image_processor" in both:
+            both["image_processor"]["size"] = {"height": image_size, "width": image_size}
+        both["num_query_tokens"] = queries
+        path.write_text(json.dumps(both, indent=2))
 
 
 def main(argv=None):

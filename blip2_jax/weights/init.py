@@ -18,26 +18,36 @@ from typing import Any
 import jax
 import numpy as np
 
-from blip2_jax import sharding
+from blip2_jax import sharding, train_state
 from blip2_jax.models.blip2 import Blip2
 from blip2_jax.models.build import abstract_params, init_inputs
 from blip2_jax.models.configs import Blip2Config, OPTConfig
-from blip2_jax.weights import bert_init, convert_opt, convert_t5, convert_vision, hf
+from blip2_jax.weights import bert_init, convert_opt, convert_t5, convert_vision, hf, placement
 from blip2_jax.weights.safetensors_io import WeightsError, open_checkpoint
 
 
-def init_params(model: Blip2, cfg: Blip2Config, config, mesh, seed: int | None = None) -> dict:
-    """Parameters as sharded jax.Arrays from `config.init` (see the module docstring)."""
+def init_params(model: Blip2, cfg: Blip2Config, config, mesh, seed: int | None = None,
+                frozen_cast: bool = False) -> dict:
+    """Parameters as sharded jax.Arrays from `config.init` (see the module docstring).
+    `frozen_cast`: each frozen leaf is placed directly in the trainer's dtype for it
+    (`train_state.final_dtypes`), so no float32 copy of a frozen tower is ever made."""
     boxed = abstract_params(model, cfg)
     shardings = sharding.param_shardings(boxed, mesh)
     abstract = sharding.unbox(boxed)
-    loaded = load_sources(cfg, config, abstract)
+    if frozen_cast:
+        abstract = train_state.final_dtypes(abstract, config)
+    loaded, release = load_sources(cfg, config, abstract)
     seed = int(config.seed) if seed is None else seed
-    return place(model, cfg, abstract, shardings, loaded, seed)
+    return place(model, cfg, abstract, shardings, loaded, seed, release)
 
 
-def place(model, cfg, abstract, shardings, loaded: dict, seed: int) -> dict:
-    """Puts `loaded` (a partial numpy tree) on the mesh; random-initialises the other leaves."""
+def _keep(arrays) -> None:
+    """The release function of sources held in memory: nothing to drop."""
+
+
+def place(model, cfg, abstract, shardings, loaded: dict, seed: int, release=_keep) -> dict:
+    """Puts `loaded` (a partial tree of arrays or lazy views of files) on the mesh in the dtypes of
+    `abstract`, one tensor at a time (`placement.place`); random-initialises the other leaves."""
     flat_abs = _flatten(abstract)
     flat_loaded = _flatten(loaded)
     unknown = sorted(set(flat_loaded) - set(flat_abs))
@@ -48,26 +58,30 @@ def place(model, cfg, abstract, shardings, loaded: dict, seed: int) -> dict:
             raise WeightsError(f"parameter {k}: loaded shape {tuple(v.shape)} != model shape {tuple(flat_abs[k].shape)}")
     flat_sh = _flatten(shardings)
     missing = [k for k in flat_abs if k not in flat_loaded]
-    out = {k: jax.device_put(np.asarray(v).astype(flat_abs[k].dtype) if v.dtype != flat_abs[k].dtype else v,
-                             flat_sh[k]) for k, v in flat_loaded.items()}
+    dtypes = {k: np.dtype(a.dtype) for k, a in flat_abs.items()}
+    out = _flatten(placement.place(_unflatten(flat_loaded), _unflatten({k: flat_sh[k] for k in flat_loaded}),
+                                   lambda path, leaf: dtypes[path], release))
     if missing:
         def fresh(rng):
             p = _flatten(sharding.unbox(model.init(rng, **init_inputs(cfg))["params"]))
-            return {k: p[k] for k in missing}  # XLA drops the initialisers of loaded leaves
+            # XLA drops the initialisers of loaded leaves and fuses each cast into its initialiser
+            return {k: p[k].astype(dtypes[k]) for k in missing}
         out.update(jax.jit(fresh, out_shardings={k: flat_sh[k] for k in missing})(jax.random.key(seed)))
     return _unflatten(out)
 
 
-def load_sources(cfg: Blip2Config, config, abstract) -> dict:
+def load_sources(cfg: Blip2Config, config, abstract) -> tuple[dict, Any]:
+    """(the part of the params `config.init` provides, a function dropping the file pages of
+    leaves once placed)."""
     ic = config.init
     source = ic.source
     lm_head = "lm_head" in abstract.get("qformer", {})
     scan = "layers" in abstract.get("vision_model", {})
     if source == "random":
-        return {}
-    if source == "hf":
-        loaded_cfg, params = hf.load(ic.hf_dir, scan_layers=scan, qformer_lm_head=False)
-        return _matching(params, abstract)
+        return {}, _keep
+    if source == "hf":  # lazy views of the files, read while placing
+        ckpt = hf.read_lazy(ic.hf_dir, scan_layers=scan)
+        return _matching(ckpt.tree, abstract), ckpt.state_dict.release
     if source not in ("unimodal", "stage1"):
         raise ValueError(f"unknown init source {source!r} (random, hf, unimodal, stage1)")
     out: dict[str, Any] = {}
@@ -80,7 +94,7 @@ def load_sources(cfg: Blip2Config, config, abstract) -> dict:
     if source == "stage1":
         trained = restore_trainable(ic.stage1_workdir)
         out = _deep_update(out, _matching(trained, abstract))
-    return _matching(out, abstract)
+    return _matching(out, abstract), _keep
 
 
 def load_vision(directory: str, cfg: Blip2Config, scan: bool) -> dict:
@@ -173,7 +187,6 @@ def load_workdir(workdir: str, mesh):
 
     import ml_collections
 
-    from blip2_jax import train_state
     from blip2_jax.models import build
 
     path = os.path.join(workdir, "config.json")
@@ -197,7 +210,7 @@ def load_workdir(workdir: str, mesh):
     tc.init.bert = ""
     model, model_cfg = build.build_model(tc.model)
     with sharding.use(mesh):
-        trainable, frozen = train_state.split_and_cast(init_params(model, model_cfg, tc, mesh), tc)
+        trainable, frozen = train_state.split_and_cast(init_params(model, model_cfg, tc, mesh, frozen_cast=True), tc)
     want, got = set(_flatten(trainable)), set(_flatten(trained))
     if want != got:
         show = lambda keys: ["/".join(k) for k in sorted(keys)[:3]]  # noqa: E731

@@ -108,7 +108,12 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 def copy_into(out: np.ndarray, src: np.ndarray) -> None:
     """out[...] = src with a dtype cast; a 2-D strided source (a transposed view) is copied in
-    square blocks, which is several times faster than numpy's element order."""
+    square blocks, which is several times faster than numpy's element order. Same-dtype copies
+    go through unsigned views: numpy copies ml_dtypes' bfloat16 element by element otherwise
+    (~0.35 GB/s, most of a full-size load)."""
+    if src.dtype == out.dtype and src.dtype.itemsize in (1, 2, 4, 8):
+        raw = np.dtype(f"u{src.dtype.itemsize}")
+        out, src = out.view(raw), src.view(raw)
     if src.ndim == 2 and not src.flags.c_contiguous and src.size > _BLOCK * _BLOCK:
         r, c = src.shape
         for i in range(0, r, _BLOCK):
