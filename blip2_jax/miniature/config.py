@@ -41,7 +41,7 @@ TEXT_LEN = 24        # Q-Former tokens: the full scene description is up to ~20
 LLM_LEN = 28         # LM tokens after the soft prompt: BOS + caption + "\n"
 
 # phase -> (steps, fast steps)
-STEPS = {"vision": (1000, 1000), "lm": (5000, 2000), "stage1": (600, 300), "stage2": (2000, 600)}
+STEPS = {"vision": (1000, 1000), "lm": (5000, 2000), "stage1": (600, 600), "stage2": (2000, 600)}
 
 
 def _args(arg: str) -> tuple[str, dict]:
