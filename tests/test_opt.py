@@ -276,3 +276,28 @@ def test_sharded_on_8_devices(golden):
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[..., ref["logits_cols"]][real],
                                ref["lm_logits_sub"][real], rtol=0, atol=TOL)
+
+
+def test_lm_head_backward_keeps_the_embedding_in_half_precision():
+    """The bfloat16 LM head returns float32 logits; its backward rounds the cotangent to bfloat16
+    (as a bfloat16 reference does) instead of making a float32 copy of the [V, D] embedding."""
+    from blip2_jax.models import layers
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 16, 256)), jnp.bfloat16)
+    emb = jnp.asarray(0.05 * rng.standard_normal((8192, 256)), jnp.bfloat16)
+
+    def loss(x, emb, head):
+        return jnp.sum(jax.nn.log_softmax(head(x, emb))[..., :7])
+
+    def ours(x, emb):
+        return layers.linear(x, emb, jnp.bfloat16, transposed=True, out_dtype=jnp.float32)
+
+    def exact(x, emb):
+        return jnp.einsum("btd,vd->btv", x.astype(jnp.float32), emb.astype(jnp.float32),
+                          precision="highest")
+    grad = jax.jit(jax.grad(lambda x, e: loss(x, e, ours)))
+    got = np.asarray(grad(x, emb), np.float32)
+    want = np.asarray(jax.grad(lambda x, e: loss(x, e, exact))(x, emb))
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()  # bfloat16 rounding, not more
+    temp = grad.lower(x, emb).compile().memory_analysis().temp_size_in_bytes
+    assert temp < emb.size * 4, temp  # no float32 copy of the embedding
