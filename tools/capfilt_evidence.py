@@ -74,12 +74,6 @@ def find_run(folder: str, name: str) -> str | None:
     return None
 
 
-def corpus_config(dataset: str):
-    """The synthetic_shapes BuilderConfig of the miniature's dataset ("synthetic_shapes[/name]")."""
-    from blip2_jax.data import builders
-    return builders.get_builder(dataset).builder_config
-
-
 def test_scene_keys(dataset: str, data_dir: str) -> set[str]:
     """Scene keys (synthetic_shapes.scene_key) of the miniature's held-out test scenes."""
     import tensorflow_datasets as tfds
@@ -267,7 +261,9 @@ def main(argv=None) -> None:
     dataset, mini_data = mini_input["dataset"], mini_input["data_dir"]
     res["miniature"] = {"dataset": dataset, "runs": runs}
     if "web" not in res:
-        scenes = web_scenes(args.images, corpus_config(dataset), test_scene_keys(dataset, mini_data))
+        from blip2_jax.data.builders import synthetic_shapes
+        scenes = web_scenes(args.images, synthetic_shapes.config_of(dataset),
+                            test_scene_keys(dataset, mini_data))
         web = web_captions(scenes, args.noise)
         write_tars(os.path.join(w, "web", "noisy"), scenes, [c for c, _, _ in web])
         write_tars(os.path.join(w, "web", "clean"), scenes, [t for _, _, t in web])

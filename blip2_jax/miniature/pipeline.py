@@ -25,6 +25,7 @@ finished phase (and adds seeds); one with other settings is refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -114,11 +115,12 @@ def miniature_config(phase: str, workdir: str, fast: bool, seed: int = 0):
 def configuration(fast: bool) -> dict:
     """What the results depend on: the corpus's builder config and every phase's settings
     (seed 0, workdir "W")."""
+    import tensorflow_datasets as tfds
+
     from blip2_jax.data.builders import synthetic_shapes
-    name = (phases.DATASET.split("/") + ["default"])[1]
-    data = next(c for c in synthetic_shapes.CONFIGS if c.name == name)
-    fields = ("num_train", "num_validation", "num_test", "image_size", "seed", "colours",
-              "background_range", "jitter", "max_angle", "full_caption", "max_objects")
+    data = synthetic_shapes.config_of(phases.DATASET)
+    base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+    fields = [f.name for f in dataclasses.fields(data) if f.name not in base]  # the corpus's knobs
     cfgs = {p: json.loads(json.dumps(miniature_config(p, "W", fast).to_dict(), default=str))
             for p in ("unimodal", "stage1", "stage2", "stage2_no_stage1", "eval")}
     return {"design": phases.DESIGN, "fast": fast, "phases": cfgs,

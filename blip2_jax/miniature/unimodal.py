@@ -112,15 +112,15 @@ def text_scenes(dataset: str, count: int, seed: int) -> dict:
     training split's share of the scene space, with the `descriptions` of each: the language
     model's corpus (a real LLM reads far more text than the image-text pairs hold). No
     validation or test scene is among them."""
-    name = dataset.partition("/")[2] or shapes.SyntheticShapes.DEFAULT_CONFIG_NAME
-    bcfg = next(c for c in shapes.CONFIGS if c.name == name)
+    bcfg = shapes.config_of(dataset)
     rng = np.random.default_rng([seed, 7])
     out = {"captions": [], "qa": [], "descriptions": []}
     while len(out["captions"]) < count:
         scene = shapes.sample_scene(rng, bcfg)
         if shapes.split_of(shapes.scene_key(scene), bcfg) != "train":
             continue
-        out["captions"].append([text_lib.normalize_caption(c) for c in shapes.captions_for(scene, bcfg.full_caption)])
+        out["captions"].append([text_lib.normalize_caption(c)
+                                for c in shapes.captions_for(scene, bcfg.full_caption)])
         out["descriptions"].append([text_lib.normalize_caption(d) for d in descriptions(scene["objects"])])
         out["qa"].append([(text_lib.normalize_question(q), a)
                           for q, a, _ in shapes.questions_for(scene, rng, tuple(bcfg.colours))])
@@ -312,28 +312,20 @@ def lm_document(kind: str, captions: list[str], qa: list[tuple[str, str]], rng,
                 max_questions: int = 3, wordings: list[str] | None = None) -> list[str]:
     """The text segments of one training document; each becomes `</s> segment \\n`.
 
-    Kinds: "caption"; "qa" (one question and its answer); "caption_caption" (a caption, then
-    another caption of the same scene); "caption_qa" (a caption, then 1..max_questions questions
-    about the scene with their answers); "description_caption" and "description_qa" (a caption,
-    or questions and answers, after a full description of the scene, one of `wordings` or else
-    the last caption, from which every answer can be read: text about a text, the skill
-    zero-shot VQA relies on)."""
+    Kinds: "caption"; "description_caption" and "description_qa" (a caption, or
+    1..max_questions questions about the scene with their answers, after a full description of
+    the scene, one of `wordings` or else the last caption, from which every answer can be read:
+    text about a text, the skill zero-shot VQA relies on)."""
     cap = captions[rng.integers(len(captions))]
-    lines = [QA_TEMPLATE.format(q) + " " + a for q, a in qa]
     described = wordings[rng.integers(len(wordings))] if wordings else captions[-1]
     if kind == "caption":
         return [cap]
-    if kind == "qa":
-        return [lines[rng.integers(len(lines))]]
-    if kind == "caption_caption":
-        other = [c for c in captions if c != cap] or [cap]
-        return [cap, other[rng.integers(len(other))]]
     if kind == "description_caption":
         return [described, cap]
-    if kind in ("caption_qa", "description_qa"):
+    if kind == "description_qa":
+        lines = [QA_TEMPLATE.format(q) + " " + a for q, a in qa]
         k = int(rng.integers(1, max_questions + 1))
-        first = described if kind == "description_qa" else cap
-        return [first] + [lines[j] for j in rng.permutation(len(lines))[:k]]
+        return [described] + [lines[j] for j in rng.permutation(len(lines))[:k]]
     raise ValueError(f"unknown LM document kind {kind!r}")
 
 

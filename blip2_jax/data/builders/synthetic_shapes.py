@@ -2,7 +2,8 @@
 
 Each scene has 1-3 shapes (kind, colour, size) in distinct cells of a 3x3 grid on a solid,
 gradient or noise background (the config picks how many shapes at most, their colours, the
-background brightness and how far shapes move and turn inside their cells). From the scene description we derive several captions ("a red
+background brightness and how far shapes move and turn inside their cells). From the scene
+description we derive several captions ("a red
 circle to the left of a blue square") and question/answer pairs (colour, shape, count, relative
 position, yes/no), so captioning, retrieval and VQA can all be trained and scored without any
 download. Everything is a deterministic function of (seed, split sizes, image size).
@@ -104,9 +105,13 @@ def scene_key(scene: dict[str, Any]) -> str:
     return json.dumps([scene["background"], objs])
 
 
+def _split_sizes(cfg: SyntheticShapesConfig) -> dict[str, int]:
+    return {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
+
+
 def _split_bounds(cfg: SyntheticShapesConfig) -> dict[str, float]:
     """Upper end of each split's share of [0, 1), in which a scene key's hash falls."""
-    sizes = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
+    sizes = _split_sizes(cfg)
     total = sum(sizes.values())
     bounds, acc = {}, 0.0
     for split, n in sizes.items():
@@ -123,7 +128,7 @@ def split_of(key: str, cfg: SyntheticShapesConfig) -> str:
 
 def assign_splits(cfg: SyntheticShapesConfig) -> dict[str, list[tuple[int, dict]]]:
     """Draws scenes until every split is full; returns {split: [(scene_index, scene)]}."""
-    sizes = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
+    sizes = _split_sizes(cfg)
     total = sum(sizes.values())
     out = {s: [] for s in sizes}
     seen: set[str] = set()
@@ -318,6 +323,12 @@ def questions_for(scene: dict[str, Any], rng: np.random.Generator,
     n = sum(o["colour"] == counted for o in objs)
     qa.append((f"how many {counted} shapes are there?", NUMBERS[n], "count"))
     return qa
+
+
+def config_of(dataset: str) -> SyntheticShapesConfig:
+    """The builder config of "synthetic_shapes[/name]" (no name: the default)."""
+    name = dataset.partition("/")[2] or "default"
+    return next(c for c in CONFIGS if c.name == name)
 
 
 # ---------------------------------------------------------------- builder
