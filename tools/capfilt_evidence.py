@@ -2,13 +2,15 @@
 better model? (paper §3.4; the figures in docs/data.md come from this script)
 
     python tools/capfilt_evidence.py --workdir W [--seeds 5] [--images 4000] [--noise 0.5]
-        [--miniature_src DIR]
+        [--miniature_src DIR | --miniature M] [--stage1_steps N]
 
 Steps (each skipped when its output exists, so a rerun continues):
   models    `python -m blip2_jax.miniature --workdir W/miniature/seed_S --seed S` per seed (from
             --miniature_src, a copy of the project, when given): its frozen towers, stage-1
             (retrieval) and stage-2 (captioning) models. Only the public artifacts are used: the
-            training workdirs named stage1 and stage2, and the stage-1 run's config.json
+            training workdirs named stage1 and stage2, and the stage-1 run's config.json.
+            `--miniature M` uses the runs of `python -m blip2_jax.miniature --seeds N --workdir M`
+            instead (seed S in M/seed_S, seed 0 in M itself)
   web       new scenes drawn like the miniature's corpus (another generator seed; scenes equal
             to a held-out test scene left out), each with one web caption: one of its true
             captions, or for a share `--noise` of them, in equal parts, a caption of another
@@ -21,7 +23,8 @@ Steps (each skipped when its output exists, so a rerun continues):
             faithful (names at least one (colour, shape) and only ones in the scene), wrong
             (names one that is not there), object recall
   stage 1   per seed, the miniature's stage 1 (its config.json: same start, steps, batch) on the
-            noisy web captions, on CapFilt's output and on the true captions; held-out retrieval
+            noisy web captions, on CapFilt's output and on the true captions (`--stage1_steps`:
+            another step count, the schedule scaled with it); held-out retrieval
             R@1 (ITC top 16 re-ranked by ITM) on the miniature's test scenes
 Results: W/results.json and a Markdown table on stdout.
 """
@@ -193,13 +196,25 @@ def read_dataset(name: str, data_dir: str) -> dict[int, dict]:
 
 
 # ------------------------------------------------------------------------------ stage 1
-def stage1_config(reference: str, dataset: str, data_dir: str, seed: int):
-    """The miniature's stage-1 run (its config.json) on another dataset."""
+def miniature_runs(workdir: str, seed: int) -> dict[str, str]:
+    """Seed `seed`'s stage-1 and stage-2 workdirs in a multi-seed miniature workdir."""
+    from blip2_jax.miniature import pipeline
+    runs = {k: os.path.join(pipeline.run_dir(os.path.abspath(workdir), seed), k) for k in ("stage1", "stage2")}
+    for k, d in runs.items():
+        if not os.path.isfile(os.path.join(d, "config.json")) or not os.path.isdir(os.path.join(d, "checkpoints")):
+            raise SystemExit(f"error: {workdir} has no finished {k} run for seed {seed} ({d})")
+    return runs
+
+
+def stage1_config(reference: str, dataset: str, data_dir: str, seed: int, steps: int | None = None):
+    """The miniature's stage-1 run (its config.json) on another dataset, optionally for `steps`."""
     import ml_collections
     with open(os.path.join(reference, "config.json")) as f:
         c = ml_collections.ConfigDict(json.load(f))
     c.input.dataset, c.input.data_dir = dataset, data_dir
     c.seed = c.input.seed = seed
+    if steps:
+        c.total_steps = c.optim.total_steps = c.ckpt_every = steps
     return c
 
 
@@ -239,6 +254,9 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--noise", type=float, default=0.5)
     p.add_argument("--miniature_src", default=ROOT, help="the project copy whose miniature makes the models")
+    p.add_argument("--miniature", help="an existing `python -m blip2_jax.miniature --seeds N` workdir to take "
+                   "the models from")
+    p.add_argument("--stage1_steps", type=int, help="stage 1's steps on each caption set (default: the miniature's)")
     args = p.parse_args(argv)
     w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)
@@ -251,6 +269,9 @@ def main(argv=None) -> None:
 
     runs = {}
     for seed in range(args.seeds):  # the miniature, one workdir per seed
+        if args.miniature:
+            runs[seed] = miniature_runs(args.miniature, seed)
+            continue
         m = os.path.join(w, "miniature", f"seed_{seed}")
         if not (find_run(m, "stage1") and find_run(m, "stage2")):
             run([sys.executable, "-m", "blip2_jax.miniature", "--workdir", m, "--seed", str(seed)],
@@ -302,7 +323,8 @@ def main(argv=None) -> None:
             workdir = os.path.join(w, "stage1", variant, f"seed_{seed}")
             shutil.rmtree(workdir, ignore_errors=True)  # an interrupted run starts again
             print(f"stage 1: {key}", file=sys.stderr, flush=True)
-            cfg = stage1_config(runs[seed]["stage1"], name, os.path.join(w, "data", folder), seed)
+            cfg = stage1_config(runs[seed]["stage1"], name, os.path.join(w, "data", folder), seed,
+                                args.stage1_steps)
             last = trainer.train(cfg, workdir)
             res["stage1"][key] = {"loss": {k: float(v) for k, v in last.items() if k.endswith("loss")},
                                   "retrieval": retrieval(workdir, dataset, mini_data)}
