@@ -210,3 +210,31 @@ def test_training_samples_one_kept_caption_per_step(jax_output):
     cfg.seed = 4
     assert captions(pipeline.make_iterator(cfg, process_index=0, process_count=1), 8) != first + rest
     assert os.path.exists(jax_output)
+
+
+def _evidence_tool():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "capfilt_evidence.py")
+    spec = importlib.util.spec_from_file_location("capfilt_evidence", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evidence_takes_each_seeds_models_from_a_multi_seed_miniature(tmp_path):
+    """tools/capfilt_evidence.py --miniature M: seed 0's runs in M, seed S's in M/seed_S (the
+    miniature's layout); a missing run is one line naming it; --stage1_steps rescales the run."""
+    tool = _evidence_tool()
+    for run in ("stage1", "stage2", "seed_1/stage1", "seed_1/stage2"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / run / "config.json").write_text(json.dumps(
+            {"input": {"dataset": "synthetic_shapes", "data_dir": "D", "seed": 0}, "seed": 0, "total_steps": 600,
+             "ckpt_every": 600, "optim": {"total_steps": 600}}))
+    assert tool.miniature_runs(str(tmp_path), 0) == {k: str(tmp_path / k) for k in ("stage1", "stage2")}
+    assert tool.miniature_runs(str(tmp_path), 1)["stage2"] == str(tmp_path / "seed_1" / "stage2")
+    with pytest.raises(SystemExit, match="no finished stage1 run for seed 2"):
+        tool.miniature_runs(str(tmp_path), 2)
+    c = tool.stage1_config(str(tmp_path / "stage1"), "capfilt_pairs", "OUT", 3, steps=2400)
+    assert (c.input.dataset, c.input.data_dir, c.seed, c.input.seed) == ("capfilt_pairs", "OUT", 3, 3)
+    assert c.total_steps == c.optim.total_steps == c.ckpt_every == 2400
+    assert tool.stage1_config(str(tmp_path / "stage1"), "x", "y", 0).total_steps == 600
