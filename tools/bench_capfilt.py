@@ -2,6 +2,7 @@
 
     python tools/bench_capfilt.py builder [--images 2000]        # image_text_pairs: single process, Beam
     python tools/bench_capfilt.py capfilt [--config small] [--images 32]   # CapFilt: JAX job, Beam
+    python tools/bench_capfilt.py capfilt --config full [--checkpoint DIR] [--images 8]  # full size
     python tools/bench_capfilt.py estimate [--images 129e6] [--chips 64]   # OPT-2.7B on TPU v5e
 
 builder: webdataset tars of 256x256 JPEGs (img2dataset's default size) with captions, built by the
@@ -12,6 +13,10 @@ capfilt: random checkpoints (captioner: tools/bench_annotate.py's configurations
 same vision tower and Q-Former as a retrieval model), K = 10 nucleus samples of exactly
 --new-tokens tokens each, N = 2 kept, batch 16; the JAX job and the Beam pipeline (DirectRunner)
 on the same prepared input, in this process.
+`--config full`: the captioner is a released-architecture checkpoint (default: the cache folder
+of `tools/make_full_checkpoint.py full-opt-2.7b`), loaded in bfloat16; the scorer a random
+retrieval model with its ViT-g and Q-Former (bfloat16); the JAX job only (the Beam workers would
+each hold both models: ~10 GB apiece).
 (The JAX job is timed after a first run that compiles; the Beam row is end to end, the
 models loaded by its worker, their programs read from the persistent compilation cache.)
 estimate: the arithmetic of docs/data.md (FLOPs and HBM traffic per image from the preset
@@ -115,7 +120,74 @@ def make_scorer(name: str, out: str) -> None:
         json.dump(ImageProcessor(size=im).to_dict(), f)
 
 
+def make_scorer_like(captioner: str, out: str) -> None:
+    """A random retrieval checkpoint (bfloat16) with `captioner`'s vision tower and Q-Former."""
+    import jax
+    import ml_dtypes
+
+    from blip2_jax import sharding
+    from blip2_jax.models import build
+    from blip2_jax.models.blip2 import Blip2
+    from blip2_jax.preprocess import ImageProcessor
+    from blip2_jax.weights import hf
+
+    golden = ROOT / "tests" / "golden" / "blip2_itm"
+    cap, _ = hf.read_config(captioner)
+    cfg, raw = hf.read_config(str(golden))
+    cfg = dataclasses.replace(cfg, num_query_tokens=cap.num_query_tokens, vision=cap.vision,
+                              qformer=dataclasses.replace(cfg.qformer, **{
+                                  f.name: getattr(cap.qformer, f.name) for f in dataclasses.fields(cap.qformer)
+                                  if f.name not in ("vocab_size", "pad_token_id", "use_qformer_text_input")}),
+                              image_text_hidden_size=256)
+    model = Blip2(cfg, scan_layers=False)
+    params = sharding.unbox(jax.jit(lambda r: model.init(r, **build.init_inputs(cfg)))(jax.random.key(1))["params"])
+    raw = {k: v for k, v in raw.items() if k not in ("vision_config", "qformer_config", "text_config")}
+    hf.save(out, cfg, params, raw_config=raw, side_files_from=str(golden), dtype=ml_dtypes.bfloat16)
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump(ImageProcessor(size=cfg.vision.image_size).to_dict(), f)
+
+
+def bench_capfilt_full(args) -> None:
+    """The JAX job with a full-size captioner (see the module docstring)."""
+    from make_full_checkpoint import default_dir
+
+    from blip2_jax import cache
+    from blip2_jax.data import builders, capfilt, capfilt_output
+
+    cache.enable()
+    cap = args.checkpoint or str(default_dir("full-opt-2.7b"))
+    if not os.path.isfile(os.path.join(cap, "config.json")):
+        sys.exit(f"error: no checkpoint in {cap} (tools/make_full_checkpoint.py full-opt-2.7b writes it)")
+    with tempfile.TemporaryDirectory() as tmp:
+        score, raw, data = (os.path.join(tmp, d) for d in ("scorer", "raw", "data"))
+        make_scorer_like(cap, score)
+        write_corpus(raw, args.images)
+        builders.prepare_dataset("image_text_pairs", data, raw)
+        opts = capfilt.Options(batch_size=args.images, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        s = time.perf_counter()
+        captioner, cp = capfilt.load_model(cap, dtype="bfloat16")
+        scorer, sp = capfilt.load_model(score, dtype="bfloat16")
+        load_s = time.perf_counter() - s
+        step, views = capfilt.CapfiltStep(captioner, scorer, opts), capfilt.TwoViews(cp, sp)
+        inputs = capfilt.InputShards("image_text_pairs:train", data, shard_size=args.images)
+        runs = []
+        for r in range(args.repeats + 1):  # the first run compiles
+            out = capfilt_output.Output(os.path.join(tmp, f"jax{r}"), len(inputs.shards), {})
+            out.prepare("refuse")
+            summary = capfilt.run_shards(inputs, step, views, out, workers=2, progress=False)
+            runs.append(summary.seconds)
+        rss = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 2**20
+        print("| captioner | engine | images/s (K = 10, N = 2) |\n|---|---|---|")
+        print(f"| {os.path.basename(cap.rstrip('/'))} (bfloat16) | JAX job, after compilation | "
+              f"{args.images / min(runs[1:]):.3f} |")
+        print(f"# {args.images} images in one batch, {args.new_tokens} new tokens per caption; models loaded in "
+              f"{load_s:.1f} s, first run (compiling) {runs[0]:.1f} s, then {', '.join(f'{x:.1f}' for x in runs[1:])} s; "
+              f"peak RSS {rss:.1f} GiB; CPU ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.1f}")
+
+
 def bench_capfilt(args) -> None:
+    if args.config == "full":
+        return bench_capfilt_full(args)
     import contextlib
 
     import bench_annotate
@@ -209,7 +281,8 @@ def main():
     b.add_argument("--images", type=int, default=2000)
     b.add_argument("--repeats", type=int, default=2)
     c = sub.add_parser("capfilt")
-    c.add_argument("--config", default="small", choices=("tiny", "small"))
+    c.add_argument("--config", default="small", choices=("tiny", "small", "full"))
+    c.add_argument("--checkpoint", help="--config full: the captioner (default: the full-opt-2.7b cache folder)")
     c.add_argument("--images", type=int, default=32)
     c.add_argument("--new-tokens", type=int, default=20)
     c.add_argument("--repeats", type=int, default=1)
