@@ -1,6 +1,7 @@
 """Full-size generation benchmark: blip2_jax against transformers on a released architecture.
 
     python tools/bench_fullsize.py --config full-opt-2.7b --torch-python PY [--int8]
+    python tools/bench_fullsize.py --device gpu --torch-python python3 --checkpoint /tmp/full-opt-2.7b
 
 1. Writes (once) a random checkpoint with the released architecture as the release does
    (tools/make_full_checkpoint.py, run by the PyTorch interpreter; cached outside the repository).
@@ -18,6 +19,10 @@
    roofline: decoding max(bytes read / bandwidth, FLOPs / peak); image side and prefill FLOPs /
    peak (FLOPs from XLA's cost analysis of our programs, bytes from the parameter tree).
 `--int8`: also our int8 weight-only row.
+`--device gpu`: both sides on the GPU (JAX's CUDA platform without up-front memory reservation,
+PyTorch's cuda device), the limits measured there (a reduction over 4 GiB, an 8192^3 matmul),
+and each side's peak device memory beside its RSS; with the checkpoint written first, about 8
+minutes on one H100/H200.
 `--train` (instead of the above): one stage-2 training step at full size (OPT configs), batch
 `--batch` (2), `--text-len` (32) text tokens after the 32-query soft prompt, labels on the text:
 ours is the trainer's jitted step (`main.create_state` from the checkpoint, frozen towers in
@@ -121,6 +126,9 @@ leaves = jax.tree.leaves(lm)
 out["llm_bytes"] = int(sum(x.size * x.dtype.itemsize for x in leaves))
 out["llm_params"] = int(sum(x.size for x in leaves))
 out["peak_rss"] = hwm()
+stats = jax.devices()[0].memory_stats() or {}
+if jax.devices()[0].platform != "cpu" and "peak_bytes_in_use" in stats:
+    out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
 print(json.dumps(out), flush=True)
 '''
 
@@ -135,18 +143,21 @@ from transformers.utils import logging
 logging.set_verbosity_error(); logging.disable_progress_bar()
 d, dtype = sys.argv[1], sys.argv[2]
 N, PROMPT = int(sys.argv[3]), sys.argv[4]
+dev = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 def rss(): return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 out = {"import_s": time.perf_counter() - t_start, "rss_before_load": rss(), "threads": torch.get_num_threads()}
 t = time.perf_counter()
-model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=getattr(torch, dtype)).eval()
+model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=getattr(torch, dtype)).eval().to(dev)
 proc = Blip2Processor.from_pretrained(d)
+sync()
 out["load_s"], out["rss_after_load"], out["hwm_after_load"] = time.perf_counter() - t, rss(), hwm()
 photo = Image.fromarray(data.chelsea()).resize((640, 480))
 def inputs(b):
     x = proc(images=[photo] * b, text=[PROMPT] * b, return_tensors="pt")
     x["pixel_values"] = x["pixel_values"].to(model.dtype if dtype != "float32" else torch.float32)
-    return x
+    return x.to(dev)
 q = model.config.num_query_tokens
 def gen(b, n=N):
     with torch.inference_mode():
@@ -154,7 +165,7 @@ def gen(b, n=N):
 def timed(f, reps=3):
     best = 1e9
     for _ in range(reps):
-        s = time.perf_counter(); f(); best = min(best, time.perf_counter() - s)
+        s = time.perf_counter(); f(); sync(); best = min(best, time.perf_counter() - s)
     return best
 t = time.perf_counter(); seq = gen(1); out["first_s"] = time.perf_counter() - t
 out["steady_s"] = timed(lambda: gen(1))
@@ -168,40 +179,45 @@ for b in (1, 8):
     out[f"b{b}"] = {"image_s": img, "prefill_s": max(t1 - img, 0.0), "step_s": (tn - t1) / (N - 1), "total_s": tn,
                     "tok_per_s": b * N / tn}
 out["peak_rss"] = hwm()
+if dev == "cuda":
+    out["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
 print(json.dumps(out), flush=True)
 '''
 
 LIMITS_JAX = r'''
-import json, time, jax, jax.numpy as jnp
+import json, sys, time, jax, jax.numpy as jnp
+elements, n = int(sys.argv[1]), int(sys.argv[2])  # summed float32s; the matmul's size
 def best(f, *a, n=5):
     jax.block_until_ready(f(*a)); b = 1e9
     for _ in range(n):
         s = time.perf_counter(); jax.block_until_ready(f(*a)); b = min(b, time.perf_counter() - s)
     return b
-x = jnp.ones((2**28,), jnp.float32)
+x = jnp.ones((elements,), jnp.float32)
 bw = x.nbytes / best(jax.jit(jnp.sum), x)
 del x
 out = {"bandwidth": bw}
 for dt in ("bfloat16", "float32"):
-    a = jnp.ones((2048, 2048), dt)
+    a = jax.random.normal(jax.random.key(0), (n, n), dt)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    out[f"peak_{dt}"] = 2 * 2048**3 / best(f, a, a)
+    out[f"peak_{dt}"] = 2 * n**3 / best(f, a, a)
 print(json.dumps(out))
 '''
 
 LIMITS_TORCH = r'''
-import json, time, torch
+import json, sys, time, torch
+elements, n, dev = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 def best(f, n=5):
-    f(); b = 1e9
+    f(); sync(); b = 1e9
     for _ in range(n):
-        s = time.perf_counter(); f(); b = min(b, time.perf_counter() - s)
+        s = time.perf_counter(); f(); sync(); b = min(b, time.perf_counter() - s)
     return b
-x = torch.ones(2**28)
+x = torch.ones(elements, device=dev)
 out = {"bandwidth": x.numel() * 4 / best(lambda: x.sum())}
 del x
 for dt in ("bfloat16", "float32"):
-    a = torch.ones(2048, 2048, dtype=getattr(torch, dt))
-    out[f"peak_{dt}"] = 2 * 2048**3 / best(lambda: a @ a)
+    a = torch.randn(n, n, dtype=getattr(torch, dt), device=dev)
+    out[f"peak_{dt}"] = 2 * n**3 / best(lambda: a @ a)
 print(json.dumps(out))
 '''
 
@@ -292,7 +308,7 @@ def run_train(args, d: str, lim: dict) -> dict:
     """Ours and theirs, one training step each side (see the module docstring); prints the table."""
     if args.config not in PRESETS:
         sys.exit(f"--train: OPT configs only ({', '.join(PRESETS)}), got {args.config}")
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT / "tools"))
+    env = jax_env()
     ours = _child([sys.executable, "-c", TRAIN_OURS, d, PRESETS[args.config], str(args.batch), str(args.text_len),
                    str(int(args.scan))], env, "blip2_jax training step")
     theirs = _child([args.torch_python, "-c", TRAIN_THEIRS, d, str(args.batch), str(args.text_len)], torch_env(),
@@ -336,22 +352,37 @@ print(json.dumps({"first_s": first, "steady_s": steady}), flush=True)
 '''
 
 
+# --device: JAX's platform, PyTorch's device, (summed float32s, matmul size) of the limits
+DEVICES = {"cpu": ("cpu", "cpu", (2**28, 2048)), "gpu": ("cuda", "cuda", (2**30, 8192))}
+DEVICE = "cpu"
+
+
+def jax_env(**extra) -> dict:
+    """The environment of a JAX child: this device's platform, the project and tools/ importable."""
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tools"), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", DEVICES[DEVICE][0]), PYTHONPATH=path)
+    env.update(extra)
+    if DEVICE != "cpu":  # device memory as used, not XLA's up-front reservation
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return env
+
+
 def run_restart(d: str, dtype: str, cache_dir: str) -> dict:
     """A second process of ours with the persistent compilation cache the first one filled."""
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), BLIP2_JAX_COMPILATION_CACHE=cache_dir)
+    env = jax_env(BLIP2_JAX_COMPILATION_CACHE=cache_dir)
     return _child([sys.executable, "-c", RESTART, d, dtype, str(NEW_TOKENS), PROMPT], env, "blip2_jax (second process)")
 
 
 def limits(torch_python: str) -> dict:
     """The machine's read bandwidth and matmul peaks: the larger of JAX's and PyTorch's."""
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    ours = _child([sys.executable, "-c", LIMITS_JAX], env, "the JAX limits")
-    theirs = _child([torch_python, "-c", LIMITS_TORCH], torch_env(), "the PyTorch limits")
+    _, dev, (elements, n) = DEVICES[DEVICE]
+    ours = _child([sys.executable, "-c", LIMITS_JAX, str(elements), str(n)], jax_env(), "the JAX limits")
+    theirs = _child([torch_python, "-c", LIMITS_TORCH, str(elements), str(n), dev], torch_env(), "the PyTorch limits")
     return {k: max(ours[k], theirs[k]) for k in ours} | {"jax": ours, "torch": theirs}
 
 
 def run_ours(d: str, dtype: str, quant: str, cache_dir: str | None = None) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT / "tools"))
+    env = jax_env()
     if cache_dir:
         env["BLIP2_JAX_COMPILATION_CACHE"] = cache_dir
     return _child([sys.executable, "-c", OURS, d, dtype, quant, str(NEW_TOKENS), PROMPT], env,
@@ -361,7 +392,7 @@ def run_ours(d: str, dtype: str, quant: str, cache_dir: str | None = None) -> di
 def run_theirs(python: str, d: str, dtype: str) -> dict:
     env = torch_env()
     env["PYTHONPATH"] = str(ROOT / "tools")
-    return _child([python, "-c", THEIRS, d, dtype, str(NEW_TOKENS), PROMPT], env,
+    return _child([python, "-c", THEIRS, d, dtype, str(NEW_TOKENS), PROMPT, DEVICES[DEVICE][1]], env,
                   f"transformers ({dtype})")
 
 
@@ -411,6 +442,10 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
               + f" | {ours[f'b{b}']['tok_per_s'] / theirs[f'b{b}']['tok_per_s']:.2f}x |")
     vals = [f"{s['peak_rss'] / 2**30:.1f}" for s in sides.values()]
     print(f"| peak RSS (GiB) | " + " | ".join(vals) + f" | {ours['peak_rss'] / theirs['peak_rss']:.2f}x |")
+    if "device_peak_bytes" in ours and "device_peak_bytes" in theirs:
+        vals = [f"{s.get('device_peak_bytes', 0) / 2**30:.1f}" for s in sides.values()]
+        print(f"| peak device memory (GiB) | " + " | ".join(vals)
+              + f" | {ours['device_peak_bytes'] / theirs['device_peak_bytes']:.2f}x |")
     same = ["yes" if s.get("ids") == theirs["ids"] else "no" for s in sides.values()]
     print(f"| same ids as transformers | " + " | ".join(same) + " | |")
     rf = roofline(ours, lim, dtype)
@@ -430,6 +465,8 @@ def main():
     p.add_argument("--config", default="full-opt-2.7b", choices=sorted(CONFIGS))
     p.add_argument("--torch-python", required=True, help="a Python interpreter with torch + transformers")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--device", default="cpu", choices=sorted(DEVICES),
+                   help="where both sides run (gpu: JAX's CUDA platform, PyTorch's cuda device)")
     p.add_argument("--checkpoint", help="the checkpoint folder (default: the cache folder; written if absent)")
     p.add_argument("--int8", action="store_true", help="also our int8 weight-only row")
     p.add_argument("--json", help="also write every figure to this file")
@@ -438,6 +475,8 @@ def main():
     p.add_argument("--text-len", type=int, default=32, help="--train: text tokens per image")
     p.add_argument("--scan", action="store_true", help="--train: our layers scanned (default unrolled)")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
     d = pathlib.Path(args.checkpoint) if args.checkpoint else default_dir(args.config)
     if not (d / "model.safetensors.index.json").exists():
         subprocess.run([args.torch_python, str(ROOT / "tools" / "make_full_checkpoint.py"), args.config,
