@@ -112,11 +112,9 @@ for b in (1, 8):
 from blip2_jax import generation
 ids_row = p.prompt_tokens(PROMPT)
 length = p.bucket(len(ids_row))
-def flops(fn, *args):  # the lowered program's count; where a backend gives none, the compiled one's
-    lowered = jax.jit(fn).lower(*args)
-    cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", 0.0))
+def flops(fn, *args):  # None where the backend has no count before compilation (GPU: the compiled
+    cost = jax.jit(fn).lower(*args).cost_analysis()  # one leaves out its cuBLAS products)
+    return None if not cost else float(cost.get("flops", 0.0))
 for b in (1, 8):
     pix = jnp.asarray(np.repeat(pix1, b, 0))
     out[f"b{b}"]["image_flops"] = flops(lambda pr, x: generation.soft_prompts(p.model, pr, x), p.params, pix)
@@ -407,10 +405,10 @@ def roofline(ours: dict, lim: dict, dtype: str) -> dict:
         r = ours[f"b{b}"]
         step_flops = 2.0 * ours["llm_params"] * b
         step_roof = max(ours["llm_bytes"] / bw, step_flops / peak)
-        image_roof, prefill_roof = r["image_flops"] / peak, r["prefill_flops"] / peak
-        out[b] = {"step": (step_roof, step_roof / r["step_s"]),
-                  "image": (image_roof, image_roof / r["image_s"]),
-                  "prefill": (prefill_roof, prefill_roof / max(r["prefill_s"], 1e-9))}
+        out[b] = {"step": (step_roof, step_roof / r["step_s"])}
+        for key in ("image", "prefill"):
+            roof = None if r[f"{key}_flops"] is None else r[f"{key}_flops"] / peak
+            out[b][key] = (roof, None if roof is None else roof / max(r[f"{key}_s"], 1e-9))
     return out
 
 
@@ -437,7 +435,7 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
     print("| | " + " | ".join(sides) + " | ours / theirs |")
     print("|---|" + "---|" * (len(sides) + 1))
     for label, key in rows:
-        vals = [f"{s[key]:.1f}" for s in sides.values()]
+        vals = [f"{s[key]:.3g}" for s in sides.values()]
         print(f"| {label} | " + " | ".join(vals) + f" | {ours[key] / theirs[key]:.2f}x |")
     for b in (1, 8):
         vals = [f"{s[f'b{b}']['tok_per_s']:.2f}" for s in sides.values()]
@@ -459,8 +457,9 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
     for b in (1, 8):
         for phase, key in (("image side", "image"), ("prefill", "prefill"), ("decode step", "step")):
             roof, frac = rf[b][key]
-            print(f"| {b} | {phase} | {ours[f'b{b}'][f'{key}_s'] * 1e3:.0f} | {theirs[f'b{b}'][f'{key}_s'] * 1e3:.0f} "
-                  f"| {roof * 1e3:.0f} | {frac:.0%} |")
+            roof, frac = ("-", "-") if roof is None else (f"{roof * 1e3:.1f}", f"{frac:.0%}")
+            print(f"| {b} | {phase} | {ours[f'b{b}'][f'{key}_s'] * 1e3:.1f} | {theirs[f'b{b}'][f'{key}_s'] * 1e3:.1f} "
+                  f"| {roof} | {frac} |")
 
 
 def main():
