@@ -187,7 +187,9 @@ def bench_capfilt_full(args) -> None:
 
 def bench_capfilt(args) -> None:
     if args.config == "full":
+        args.images = args.images or 8
         return bench_capfilt_full(args)
+    args.images = args.images or 32
     import contextlib
 
     import bench_annotate
@@ -283,7 +285,7 @@ def main():
     c = sub.add_parser("capfilt")
     c.add_argument("--config", default="small", choices=("tiny", "small", "full"))
     c.add_argument("--checkpoint", help="--config full: the captioner (default: the full-opt-2.7b cache folder)")
-    c.add_argument("--images", type=int, default=32)
+    c.add_argument("--images", type=int, help="images (default 32; --config full: 8, in one batch)")
     c.add_argument("--new-tokens", type=int, default=20)
     c.add_argument("--repeats", type=int, default=1)
     e = sub.add_parser("estimate")

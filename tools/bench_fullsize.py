@@ -21,8 +21,8 @@
 `--int8`: also our int8 weight-only row.
 `--device gpu`: both sides on the GPU (JAX's CUDA platform without up-front memory reservation,
 PyTorch's cuda device), the limits measured there (a reduction over 4 GiB, an 8192^3 matmul),
-and each side's peak device memory beside its RSS; with the checkpoint written first, about 8
-minutes on one H100/H200.
+and each side's peak device memory beside its RSS; about 3 minutes on an H200, plus ~1.5 to
+write the checkpoint there first.
 `--train` (instead of the above): one stage-2 training step at full size (OPT configs), batch
 `--batch` (2), `--text-len` (32) text tokens after the 32-query soft prompt, labels on the text:
 ours is the trainer's jitted step (`main.create_state` from the checkpoint, frozen towers in
