@@ -90,61 +90,60 @@ def bench_builder(args) -> None:
 
 
 # ------------------------------------------------------------------------------ capfilt
-def make_scorer(name: str, out: str) -> None:
-    """A random retrieval (ITM/ITC) checkpoint with `name`'s vision tower and Q-Former."""
+GOLDEN_ITM = ROOT / "tests" / "golden" / "blip2_itm"  # the retrieval layout, tokenizer and processor
+
+
+def save_random_scorer(cfg, raw: dict, out: str, dtype=None) -> None:
+    """A random retrieval (ITM/ITC) checkpoint of `cfg` in transformers format (`raw`: the golden
+    config.json whose other fields are kept), stored in `dtype` (None: as initialised)."""
     import jax
 
-    import bench_annotate
     from blip2_jax import sharding
     from blip2_jax.models import build
     from blip2_jax.models.blip2 import Blip2
     from blip2_jax.preprocess import ImageProcessor
     from blip2_jax.weights import hf
 
-    golden = ROOT / "tests" / "golden" / "blip2_itm"
+    model = Blip2(cfg, scan_layers=False)
+    params = sharding.unbox(jax.jit(lambda r: model.init(r, **build.init_inputs(cfg)))(jax.random.key(1))["params"])
+    raw = {k: v for k, v in raw.items() if k not in ("vision_config", "qformer_config", "text_config")}
+    hf.save(out, cfg, params, raw_config=raw, side_files_from=str(GOLDEN_ITM), dtype=dtype)
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump(ImageProcessor(size=cfg.vision.image_size).to_dict(), f)
+
+
+def make_scorer(name: str, out: str) -> None:
+    """A random retrieval checkpoint with `name`'s vision tower and Q-Former."""
+    import bench_annotate
+    from blip2_jax.weights import hf
+
     c = bench_annotate.CONFIGS[name]
     im, patch, vh, vl, vheads, vmlp = c["vision"]
     qh, ql, qheads, qffn, queries = c["qformer"]
-    cfg, raw = hf.read_config(str(golden))
+    cfg, raw = hf.read_config(str(GOLDEN_ITM))
     cfg = dataclasses.replace(
         cfg, num_query_tokens=queries,
         vision=dataclasses.replace(cfg.vision, image_size=im, patch_size=patch, hidden_size=vh, num_hidden_layers=vl,
                                    num_attention_heads=vheads, intermediate_size=vmlp),
         qformer=dataclasses.replace(cfg.qformer, hidden_size=qh, num_hidden_layers=ql, num_attention_heads=qheads,
                                     intermediate_size=qffn, encoder_hidden_size=vh))
-    model = Blip2(cfg, scan_layers=False)
-    params = sharding.unbox(jax.jit(lambda r: model.init(r, **build.init_inputs(cfg)))(jax.random.key(1))["params"])
-    raw = {k: v for k, v in raw.items() if k not in ("vision_config", "qformer_config", "text_config")}
-    hf.save(out, cfg, params, raw_config=raw, side_files_from=str(golden))
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump(ImageProcessor(size=im).to_dict(), f)
+    save_random_scorer(cfg, raw, out)
 
 
 def make_scorer_like(captioner: str, out: str) -> None:
     """A random retrieval checkpoint (bfloat16) with `captioner`'s vision tower and Q-Former."""
-    import jax
     import ml_dtypes
 
-    from blip2_jax import sharding
-    from blip2_jax.models import build
-    from blip2_jax.models.blip2 import Blip2
-    from blip2_jax.preprocess import ImageProcessor
     from blip2_jax.weights import hf
 
-    golden = ROOT / "tests" / "golden" / "blip2_itm"
     cap, _ = hf.read_config(captioner)
-    cfg, raw = hf.read_config(str(golden))
+    cfg, raw = hf.read_config(str(GOLDEN_ITM))
     cfg = dataclasses.replace(cfg, num_query_tokens=cap.num_query_tokens, vision=cap.vision,
                               qformer=dataclasses.replace(cfg.qformer, **{
                                   f.name: getattr(cap.qformer, f.name) for f in dataclasses.fields(cap.qformer)
                                   if f.name not in ("vocab_size", "pad_token_id", "use_qformer_text_input")}),
                               image_text_hidden_size=256)
-    model = Blip2(cfg, scan_layers=False)
-    params = sharding.unbox(jax.jit(lambda r: model.init(r, **build.init_inputs(cfg)))(jax.random.key(1))["params"])
-    raw = {k: v for k, v in raw.items() if k not in ("vision_config", "qformer_config", "text_config")}
-    hf.save(out, cfg, params, raw_config=raw, side_files_from=str(golden), dtype=ml_dtypes.bfloat16)
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump(ImageProcessor(size=cfg.vision.image_size).to_dict(), f)
+    save_random_scorer(cfg, raw, out, dtype=ml_dtypes.bfloat16)
 
 
 def bench_capfilt_full(args) -> None:

@@ -69,10 +69,15 @@ def run(cmd: list[str], log: str, src: str = ROOT) -> dict:
 
 
 # ------------------------------------------------------------------------------ the web corpus
+def is_run(d: str) -> bool:
+    """A finished training workdir: config.json + checkpoints/."""
+    return os.path.isfile(os.path.join(d, "config.json")) and os.path.isdir(os.path.join(d, "checkpoints"))
+
+
 def find_run(folder: str, name: str) -> str | None:
-    """The training workdir called `name` (config.json + checkpoints/) under `folder`."""
-    for d, subdirs, files in os.walk(folder):
-        if os.path.basename(d) == name and "config.json" in files and "checkpoints" in subdirs:
+    """The training workdir called `name` under `folder`."""
+    for d, _, _ in os.walk(folder):
+        if os.path.basename(d) == name and is_run(d):
             return d
     return None
 
@@ -201,7 +206,7 @@ def miniature_runs(workdir: str, seed: int) -> dict[str, str]:
     from blip2_jax.miniature import pipeline
     runs = {k: os.path.join(pipeline.run_dir(os.path.abspath(workdir), seed), k) for k in ("stage1", "stage2")}
     for k, d in runs.items():
-        if not os.path.isfile(os.path.join(d, "config.json")) or not os.path.isdir(os.path.join(d, "checkpoints")):
+        if not is_run(d):
             raise SystemExit(f"error: {workdir} has no finished {k} run for seed {seed} ({d})")
     return runs
 

@@ -3,10 +3,9 @@
 Each scene has 1-3 shapes (kind, colour, size) in distinct cells of a 3x3 grid on a solid,
 gradient or noise background (the config picks how many shapes at most, their colours, the
 background brightness and how far shapes move and turn inside their cells). From the scene
-description we derive several captions ("a red
-circle to the left of a blue square") and question/answer pairs (colour, shape, count, relative
-position, yes/no), so captioning, retrieval and VQA can all be trained and scored without any
-download. Everything is a deterministic function of (seed, split sizes, image size).
+description we derive several captions ("a red circle to the left of a blue square") and
+question/answer pairs (colour, shape, count, relative position, yes/no), so captioning,
+retrieval and VQA can all be trained and scored without any download. Everything is a deterministic function of (seed, split sizes, image size).
 
 Splits are disjoint: every scene has a canonical key (its objects and cells, and the background
 kind); the key's hash decides its split, and a key is used at most once.
@@ -327,7 +326,7 @@ def questions_for(scene: dict[str, Any], rng: np.random.Generator,
 
 def config_of(dataset: str) -> SyntheticShapesConfig:
     """The builder config of "synthetic_shapes[/name]" (no name: the default)."""
-    name = dataset.partition("/")[2] or "default"
+    name = dataset.partition("/")[2] or SyntheticShapes.DEFAULT_CONFIG_NAME
     return next(c for c in CONFIGS if c.name == name)
 
 
