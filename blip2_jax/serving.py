@@ -29,7 +29,7 @@ import numpy as np
 
 from blip2_jax import generation, sharding
 from blip2_jax.data import text as text_lib
-from blip2_jax.data.tokenizers import Tokenizer, load_tokenizer
+from blip2_jax.data.tokenizers import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from blip2_jax.generation import GenerationOptions
 from blip2_jax.models.blip2 import Blip2
 from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
@@ -484,10 +484,12 @@ class Predictor:
         dt = build.dtype(dtype) if isinstance(dtype, str) else jnp.dtype(dtype)
         mesh = sharding.single_device_mesh() if mesh is None else mesh
         cfg, _ = hf.read_config(directory)
-        try:
-            own_tok = load_tokenizer(directory, qformer=cfg.text is None)
-        except (FileNotFoundError, ValueError, OSError) as e:
-            raise WeightsError(f"{directory}: cannot load the tokenizer: {' '.join(str(e).split())}") from None
+        if not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
+            raise WeightsError(f"{directory}: cannot load the tokenizer: no tokenizer files "
+                               f"({', '.join(TOKENIZER_FILES)})")
+        # The tokenizer loads in a thread while the weights are placed: its import of
+        # transformers (and of PyTorch where that is installed) takes seconds.
+        tok_job = _Background(load_tokenizer, directory, qformer=cfg.text is None)
         gen_cfg = hf.read_generation_config(directory, cfg)
         ckpt = hf.read_lazy(directory, scan_layers=scan)  # every tensor checked, none read yet
         cfg = ckpt.config
@@ -498,6 +500,12 @@ class Predictor:
             boxed = build.abstract_params(model, cfg)
             shardings = quant.quantized_shardings(sharding.param_shardings(boxed, mesh), sharding.unbox(boxed), mode)
         params = ckpt.place(shardings, dt, mode)
+        try:
+            own_tok = tok_job.result()
+        except (FileNotFoundError, ValueError, OSError) as e:
+            msg = " ".join(str(e).split())
+            raise WeightsError(msg if msg.startswith(f"{directory}: cannot load the tokenizer")
+                               else f"{directory}: cannot load the tokenizer: {msg}") from None
         own = (own_tok, None) if cfg.text is not None else (None, own_tok)
         return cls(model, params, cfg, mesh=mesh, tokenizer=tokenizer or own[0],
                    qformer_tokenizer=qformer_tokenizer or own[1],
@@ -514,6 +522,28 @@ class Predictor:
         model, model_cfg, params, tc = init_lib.load_workdir(workdir, mesh)
         return cls(model, params, model_cfg, mesh=mesh, tokenizer=tokenizer or tc.input.get("llm_tokenizer"),
                    qformer_tokenizer=qformer_tokenizer or tc.input.get("qformer_tokenizer"))
+
+
+class _Background:
+    """`fn(*args, **kwargs)` in a daemon thread; `result()` waits and returns or re-raises."""
+
+    def __init__(self, fn, *args, **kwargs):
+        import threading
+        self._out: dict = {}
+
+        def run():
+            try:
+                self._out["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001  (handed to the caller by result())
+                self._out["error"] = e
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["value"]
 
 
 def default_scan_layers() -> bool:

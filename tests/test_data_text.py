@@ -3,6 +3,8 @@
 Expected ids are bert-base-uncased's and GPT-2's published vocabularies ([CLS]=101, [SEP]=102,
 "a"=1037, "photo"=6302, "of"=1997, "dog"=3899; GPT-2 "Hello"=15496, " world"=995, "\\n"=198).
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,57 @@ def test_transformers_directory(tmp_path):
     assert (tok.prefix, tok.suffix, tok.pad_id) == ((101,), (102,), 0)
     assert tok.encode("a photo") == [1037, 6302]
     assert tok.dec_id == 30522
+
+
+GOLDEN_TOKENIZERS = ["blip2_opt", "blip2_opt/no_bos", "blip2_t5", "blip2_itm"]
+
+
+@pytest.mark.parametrize("name", GOLDEN_TOKENIZERS)
+@pytest.mark.parametrize("add_dec", [False, True])
+def test_cached_tokenizer_is_transformers_own(tmp_path, monkeypatch, name, add_dec):
+    from blip2_jax.data import tokenizers
+    from tests.conftest import GOLDEN
+    monkeypatch.setenv(tokenizers.CACHE_ENV, str(tmp_path))
+    d = GOLDEN / name
+    built = tokenizers._with_transformers(d, add_dec)       # what transformers makes of the files
+    first = from_transformers_dir(d, add_dec=add_dec)       # built, then written to the cache
+    assert len(list(tmp_path.iterdir())) == 1
+    cached = from_transformers_dir(d, add_dec=add_dec)      # read back
+    text = "A Photo of 2 cats, ünïcode [DEC] <image> </s> tail"
+    for tok in (first, cached):
+        assert {k: getattr(tok, k) for k in tokenizers._IDS} == {k: getattr(built, k) for k in tokenizers._IDS}
+        assert tok.encode(text) == built.encode(text) and tok.vocab_size == built.vocab_size
+        assert tok.decode(built.encode(text)) == built.decode(built.encode(text))
+
+
+def test_tokenizer_cache_hit_does_not_import_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import GOLDEN, ROOT
+    code = ("import sys; from blip2_jax.data.tokenizers import from_transformers_dir; "
+            f"t = from_transformers_dir({str(GOLDEN / 'blip2_opt')!r}); "
+            "print(t.prefix, 'transformers' in sys.modules)")
+    env = dict(__import__("os").environ, BLIP2_JAX_TOKENIZER_CACHE=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           check=True).stdout.split()[-2:] for _ in range(2)]
+    assert runs == [["(50256,)", "True"], ["(50256,)", "False"]]   # built once, then read
+
+
+def test_a_damaged_or_stale_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    from blip2_jax.data import tokenizers
+    from tests.conftest import GOLDEN
+    monkeypatch.setenv(tokenizers.CACHE_ENV, str(tmp_path))
+    d = tmp_path / "tok"
+    import shutil
+    shutil.copytree(GOLDEN / "blip2_itm", d, ignore=shutil.ignore_patterns("*.safetensors"))
+    good = from_transformers_dir(d)
+    (entry,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    entry.write_text("{broken")
+    assert from_transformers_dir(d).prefix == good.prefix            # rebuilt, and rewritten
+    assert json.loads(entry.read_text())["prefix"] == list(good.prefix)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["cls_token"] = "[SEP]"                                      # other files: another key
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    from_transformers_dir(d)
+    assert len([p for p in tmp_path.iterdir() if p.suffix == ".json"]) == 2

@@ -353,3 +353,22 @@ def test_preprocessor_config(tmp_path, content, message):
     with pytest.raises(InputError) as e:
         ImageProcessor.from_dir(tmp_path)
     one_line(e, message)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("remove", r"cannot load the tokenizer: no tokenizer files"),
+    ("corrupt", r"model: cannot load the tokenizer: JSONDecodeError"),
+])
+def test_tokenizer_missing_or_corrupt_is_one_line(tmp_path, damage, message):
+    from blip2_jax import serving
+    d = tmp_path / "model"
+    shutil.copytree(GOLDEN / "blip2_opt", d, ignore=shutil.ignore_patterns("no_bos"))
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        if (d / f).exists():
+            if damage == "remove":
+                (d / f).unlink()
+            elif f == "tokenizer.json":
+                (d / f).write_text("{not json")
+    with pytest.raises(WeightsError) as e:  # the tokenizer loads beside the weights, in a thread
+        serving.Predictor.from_dir(str(d))
+    assert one_line(e, message).count("cannot load the tokenizer") == 1

@@ -11,12 +11,21 @@
 All are wrapped in `Tokenizer`, which encodes without special tokens and records which special
 ids the original tokenizer puts before (`prefix`: [CLS], OPT's BOS) and after (`suffix`: [SEP],
 T5's </s>) a text, so text processors can build model inputs explicitly.
+
+A directory's tokenizer, as transformers builds it, is kept in a cache (`BLIP2_JAX_TOKENIZER_CACHE`,
+"off" disables it; default `$XDG_CACHE_HOME/blip2_jax/tokenizers`), keyed by the tokenizer files'
+bytes and transformers' version: a later process reads it without importing transformers (which
+imports PyTorch where that is installed: ~10 s).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
 import importlib.resources
+import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +36,10 @@ BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DEC_TOKEN = "[DEC]"
 GPT2_EOS = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "vocab.txt")
+# every file transformers may read for a tokenizer: the cache key covers them all
+_KEY_FILES = TOKENIZER_FILES + ("merges.txt", "special_tokens_map.json", "added_tokens.json")
+CACHE_ENV = "BLIP2_JAX_TOKENIZER_CACHE"
+_IDS = ("pad_id", "bos_id", "eos_id", "prefix", "suffix", "decoder_start_id", "dec_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,15 +109,77 @@ def gpt2_bpe(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenizer:
     return Tokenizer(backend, pad_id=eos, bos_id=eos, eos_id=eos)
 
 
+def cache_dir() -> str | None:
+    """Where directories' tokenizers are cached (None: disabled)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "none") else os.path.expanduser(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "blip2_jax", "tokenizers")
+
+
+def _cache_path(path: Path, add_dec: bool) -> str | None:
+    root = cache_dir()
+    if root is None:
+        return None
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "none"
+    h = hashlib.sha256(f"{version} dec={add_dec}".encode())
+    for name in _KEY_FILES:
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return os.path.join(root, h.hexdigest()[:32] + ".json")
+
+
+def _read_cached(file: str | None) -> Tokenizer | None:
+    if file is None or not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            entry = json.load(f)
+        ids = {k: tuple(entry[k]) if k in ("prefix", "suffix") else entry[k] for k in _IDS}
+        return Tokenizer(tokenizers.Tokenizer.from_str(entry["backend"]), **ids)
+    except Exception:  # noqa: BLE001  (an unreadable or stale entry: rebuild it)
+        return None
+
+
+def _write_cached(file: str | None, tok: Tokenizer) -> None:
+    if file is None:
+        return
+    entry = {"backend": tok.backend.to_str(), **{k: getattr(tok, k) for k in _IDS}}
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        tmp = f"{file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(entry, f)
+        os.replace(tmp, file)
+    except OSError:
+        pass  # a read-only home: build it each time rather than fail
+
+
 def from_transformers_dir(path: str | Path, *, add_dec: bool = False) -> Tokenizer:
-    """A transformers tokenizer directory, with the special ids it adds around a text."""
+    """A transformers tokenizer directory, with the special ids it adds around a text (from
+    the cache when these files were read before; see the module docstring)."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    file = _cache_path(path, add_dec)
+    tok = _read_cached(file)
+    if tok is None:
+        tok = _with_transformers(path, add_dec)
+        _write_cached(file, tok)
+    return tok
+
+
+def _with_transformers(path: Path, add_dec: bool) -> Tokenizer:
     import os
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoTokenizer  # slow import: only when a directory is used
 
-    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-        raise ValueError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
         hf = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds; report one line)

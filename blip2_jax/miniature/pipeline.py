@@ -278,6 +278,14 @@ def evaluate_phase(phase: Phase, workdir: str, kinds: dict, probe=None) -> dict:
     return results
 
 
+def generation_options(vqa_config, predictor) -> dict:
+    """The VQA evaluator's generation options with its length penalty for `predictor`'s LM."""
+    gen = dict(vqa_config.generation)
+    if gen.get("length_penalty") is None:
+        gen["length_penalty"] = vqa_config.length_penalty_by_llm[predictor.llm_kind]
+    return gen
+
+
 def read_predictions(output_dir: str) -> dict:
     """{"caption": {image_id: text}, "vqa": {image_id: answer}} from the evaluators' files."""
     import pathlib

@@ -82,6 +82,26 @@ def blind_baselines(train: dict, questions: list[dict]) -> dict:
             "blind_caption": caption}
 
 
+def blind_every_question(train: dict, test: dict) -> dict:
+    """`blind_baselines`' VQA prior on every question of the `test` scenes (read_scenes with
+    qa_types): accuracy (%) overall and per type, as `probes.vqa_every_question` reports it."""
+    from blip2_jax.evaluators import metrics
+    table = defaultdict(Counter)
+    for qa in train["qa"]:
+        for q, a in qa:
+            table[q][a] += 1
+    overall = Counter(a for c in table.values() for a in c.elements())
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for qa, types in zip(test["qa"], test["qa_types"]):
+        for (q, a), t in zip(qa, types):
+            guess = (table[q] or overall).most_common(1)[0][0]
+            hits[t].append(metrics.normalize_answer(guess) == metrics.normalize_answer(a))
+    out = {f"acc_{t}": 100.0 * sum(v) / len(v) for t, v in sorted(hits.items())}
+    out.update({f"n_{t}": len(v) for t, v in hits.items()})
+    out["accuracy"] = 100.0 * sum(sum(v) for v in hits.values()) / max(sum(len(v) for v in hits.values()), 1)
+    return out
+
+
 # ------------------------------------------------------------------------------------- statistics
 def paired_interval(with_values: list[float], without_values: list[float], level: float = LEVEL) -> dict:
     """Paired t-interval of the mean difference (with - without), one pair per seed.
@@ -137,7 +157,8 @@ def verdict_text(stats: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------- tables
-RUN_ROWS = [("VQA accuracy (%)", "vqa", "accuracy", 1.0),
+RUN_ROWS = [("VQA accuracy, the evaluator's one question per scene (%)", "vqa", "accuracy", 1.0),
+           ("VQA accuracy, every question of each scene (%)", "vqa_all", "accuracy", 1.0),
             ("caption CIDEr", "caption", "CIDEr", 100.0), ("caption BLEU-4", "caption", "Bleu_4", 100.0),
             ("caption colour words true (%)", "caption", "colour_precision", 1.0),
             ("caption shape words true (%)", "caption", "shape_precision", 1.0),
@@ -154,15 +175,28 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _get(run: dict, group: str) -> dict:
+    """run["a"]["b"] for group "a/b" ({} where absent)."""
+    for k in group.split("/"):
+        run = run.get(k) or {}
+    return run
+
+
 def runs_table(runs: dict) -> str:
     """One seed: the zero-shot results of both runs beside the blind baseline."""
     names = [r for r in RUN_NAMES if r in runs]
     rows = list(RUN_ROWS)
-    types = sorted(k for k in runs[names[0]].get("vqa", {}) if k.startswith("acc_"))
-    rows[1:1] = [(f"  VQA {t[4:]} (%)", "vqa", t, 1.0) for t in types]
+    group = "vqa_all" if "vqa_all" in runs[names[0]] else "vqa"
+    per_type = runs[names[0]].get(group, {})
+    types = sorted(k for k in per_type if k.startswith("acc_"))
+    rows[2:2] = [(f"  {t[4:]} questions ({per_type.get('n_' + t[4:], '?')}) (%)", group, t, 1.0) for t in types]
+    counts = per_type.get("by_objects", {})
+    rows[2 + len(types):2 + len(types)] = [
+        (f"  {t} questions on {k}-object scenes ({counts['n_' + key[4:]]}) (%)", "vqa_all/by_objects", key, 1.0)
+        for t in ("colour", "shape") for k in (1, 2) if (key := f"acc_{t}_{k}obj") in counts]
     out = []
     for label, group, key, scale in rows:
-        vals = [runs[r].get(group, {}).get(key) for r in names]
+        vals = [_get(runs[r], group).get(key) for r in names]
         if any(v is not None for v in vals):
             out.append([label] + [_fmt(v, scale, 2 if "loss" in label else 1) for v in vals])
     return _table(["metric"] + [RUN_NAMES[r] for r in names], out)
@@ -180,6 +214,9 @@ def stage1_table(s1: dict) -> str:
          "well above chance (50); >= 85"],
         ["ITM re-ranks ITC's top k: R@1 image->text / text->image (%)",
          f"{_fmt(r.get('txt_r1'))} / {_fmt(r.get('img_r1'))}", "at least ITC's R@1 (paper: it improves)"],
+        ["ITC / ITM: true caption above its colour-swapped twin, two-object scenes (%)",
+         f"{_fmt(s1.get('binding', {}).get('itc'))} / {_fmt(s1.get('binding', {}).get('itm'))}",
+         "chance is 50 (the paper does not test binding)"],
         ["ITG: caption loss, first -> last logged step",
          f"{_fmt(train.get('first_itg_loss'), digits=2)} -> {_fmt(train.get('itg_loss'), digits=2)}",
          "falls (label smoothing 0.1 keeps it above ~0.5)"],
@@ -262,8 +299,9 @@ def across_seeds(results: dict) -> str:
     runs = [results["runs"][str(s)] for s in results["seeds"]]
     rows = [
         ("VQA accuracy (%), with / without stage 1", "vqa", "accuracy", 1.0),
-        ("VQA colour questions (%)", "vqa", "acc_colour", 1.0),
-        ("VQA shape questions (%)", "vqa", "acc_shape", 1.0),
+        ("VQA accuracy, every question (%)", "vqa_all", "accuracy", 1.0),
+        ("VQA colour questions, every question (%)", "vqa_all", "acc_colour", 1.0),
+        ("VQA shape questions, every question (%)", "vqa_all", "acc_shape", 1.0),
         ("caption CIDEr", "caption", "CIDEr", 100.0),
         ("caption colour words true (%)", "caption", "colour_precision", 1.0),
         ("caption shape words true (%)", "caption", "shape_precision", 1.0),
@@ -273,7 +311,7 @@ def across_seeds(results: dict) -> str:
     for label, group, key, scale in rows:
         blind = results["blind"].get(group, {}).get(key)
         body.append([label.replace(", with / without stage 1", "")] +
-                    [ranges([r[run][group].get(key) for r in runs], scale)
+                    [ranges([r[run].get(group, {}).get(key) for r in runs], scale)
                      for run in ("with_stage1", "without_stage1")] + [_fmt(blind, scale)])
     s1 = [r["stage1"] for r in runs]
     body += [["ITC R@1 image->text / text->image (%)",
@@ -282,5 +320,8 @@ def across_seeds(results: dict) -> str:
              ["ITM re-ranked R@1 image->text / text->image (%)",
               f"{ranges([x['retrieval']['txt_r1'] for x in s1])} / {ranges([x['retrieval']['img_r1'] for x in s1])}",
               "-", "-"],
-             ["ITM balanced accuracy, hard negatives (%)", ranges([x["itm"]["accuracy"] for x in s1]), "-", "-"]]
+             ["ITM balanced accuracy, hard negatives (%)", ranges([x["itm"]["accuracy"] for x in s1]), "-", "-"],
+             ["ITC / ITM binding: true above colour-swapped caption (%)",
+              f"{ranges([x.get('binding', {}).get('itc') for x in s1])} / "
+              f"{ranges([x.get('binding', {}).get('itm') for x in s1])}", "-", "-"]]
     return "Ranges across seeds:\n" + _table(lines[0], body)

@@ -224,20 +224,33 @@ class Runner:
         questions = self._questions()
         scenes = unimodal.read_scenes(phases.DATASET, ev.retrieval.input.split, os.path.join(self.w, "tfds"),
                                       phases.VISION["image_size"])
-        keys = [probes.scene_key(q["objects"]) for q in questions]
         res = P.evaluate_phase(p, stage1_dir, {"retrieval": P.eval_config(
             "retrieval", dict(ev.retrieval), os.path.join(stage1_dir, "eval"))},
-            probe=lambda pred: probes.stage1_probes(pred, scenes["images"], scenes["captions"], keys,
+            probe=lambda pred: probes.stage1_probes(pred, scenes["images"], scenes["captions"],
+                                                    [q["objects"] for q in questions],
                                                     phases.TEXT_LEN, temperature, int(ev.retrieval.k)))
         res.update(res.pop("probe"))
         res["retrieval"]["images"] = len(questions)
         return res
 
+    def _test_scenes(self) -> dict:
+        """unimodal.read_scenes of the evaluated test scenes, images included."""
+        from blip2_jax.miniature import unimodal
+        return unimodal.read_scenes(phases.DATASET, self._cfg("eval").caption.input.split,
+                                    os.path.join(self.w, "tfds"), phases.VISION["image_size"])
+
     def _stage2_eval(self, p, stage2_dir: str) -> dict:
+        from blip2_jax.miniature import probes
         ev = self._cfg("eval")
         questions = self._questions()
         out_dir = os.path.join(stage2_dir, "eval")
-        res = P.evaluate_phase(p, stage2_dir, {k: P.eval_config(k, dict(ev[k]), out_dir) for k in ("caption", "vqa")})
+        configs = {k: P.eval_config(k, dict(ev[k]), out_dir) for k in ("caption", "vqa")}
+        scenes = self._test_scenes()
+        res = P.evaluate_phase(p, stage2_dir, configs, probe=lambda pred: probes.vqa_every_question(
+            pred, scenes["images"], scenes["qa"], scenes["qa_types"], configs["vqa"].prompt,
+            P.generation_options(configs["vqa"], pred),
+            objects=[int((t[:, 0] > 0).sum()) for t in scenes["targets"]]))
+        res["vqa_all"] = res.pop("probe")
         preds = P.read_predictions(out_dir)
         res["vqa"].update({k: v for k, v in report.vqa_breakdown(preds.get("vqa", {}), questions).items()
                            if k != "accuracy"})  # the evaluator's own accuracy is kept
@@ -260,7 +273,10 @@ class Runner:
         from blip2_jax.miniature import unimodal
         uni, ev = self._cfg("unimodal"), self._cfg("eval")
         questions = self._questions()
-        blind = report.blind_baselines(unimodal.read_scenes(uni.dataset, "train", uni.data_dir), questions)
+        train = unimodal.read_scenes(uni.dataset, "train", uni.data_dir)
+        blind = report.blind_baselines(train, questions)
+        blind["vqa_all"] = report.blind_every_question(train, unimodal.read_scenes(
+            uni.dataset, ev.caption.input.split, os.path.join(self.w, "tfds")))
         runs = {str(s): self._seed_results(s) for s in self.seeds}
         first = self.seeds[0]
         preds = {"with_stage1": P.read_predictions(os.path.join(P.run_dir(self.w, first), "stage2", "eval"))}

@@ -67,18 +67,19 @@ def read_scenes(dataset: str, split: str, data_dir: str | None, image_size: int 
 
     Returns images float32 [N, S, S, 3] (CLIP-normalised, as the pipeline's eval transform;
     only with `image_size`), targets int32 [N, CELLS, 3] (shape, colour, size class per grid
-    cell; 0 = empty), background int32 [N], captions [N][k] and qa [N][m] (question, answer),
-    normalised as the input pipeline does."""
+    cell; 0 = empty), background int32 [N], captions [N][k], qa [N][m] (question, answer),
+    normalised as the input pipeline does, and qa_types [N][m] ("colour", "shape", ...)."""
     from blip2_jax.data import pipeline
     ic = pipeline.default_input_config()
     ic.dataset, ic.split, ic.data_dir = dataset, split, data_dir
     source = pipeline.load_source(ic)
-    out = {"captions": [], "qa": [], "targets": [], "background": [], "images": []}
+    out = {"captions": [], "qa": [], "qa_types": [], "targets": [], "background": [], "images": []}
     for i in range(len(source)):
         rec = source[i]
         out["captions"].append([text_lib.normalize_caption(text_lib.as_text(c)) for c in rec["captions"]])
         out["qa"].append([(text_lib.normalize_question(text_lib.as_text(q)), text_lib.as_text(a).strip())
                           for q, a in zip(rec["qa_questions"], rec["qa_answers"])])
+        out["qa_types"].append([text_lib.as_text(t) for t in rec["qa_types"]])
         out["targets"].append(attribute_targets(rec["objects"]))
         out["background"].append(BACKGROUND_CLASSES.index(text_lib.as_text(rec["background"])))
         if image_size:
