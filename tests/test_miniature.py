@@ -18,14 +18,16 @@ from blip2_jax.miniature import report, runner
 from tests.conftest import ROOT
 
 # Thresholds from --fast runs (docs/miniature.md, "The test"), with a margin; chance or the blind
-# text prior for scale. The --fast evaluation has 64 test scenes (one question each).
-VISION_SHAPE_ACC = 0.90      # measured 0.99: shape of the occupied cells; chance 1/6
+# text prior for scale. The --fast evaluation has 64 test scenes; VQA asks every question of
+# each (~700: 83 colour, 93 shape).
+VISION_SHAPE_ACC = 0.90      # measured 0.99-1.0: shape of the occupied cells; chance 1/6
 LM_READS = 25.0              # the LM answers 41 points more with the description than without
-VQA_OVER_BLIND = 15.0        # with stage 1, VQA accuracy above the blind text prior: measured +25, +30
-COLOUR_SHAPE_VQA = 35.0      # with stage 1, colour and shape questions together (%): 58, 67; blind ~10
+VQA_OVER_BLIND = 15.0        # with stage 1, VQA accuracy above the blind text prior: measured +26.5
+COLOUR_SHAPE_VQA = 50.0      # with stage 1, colour and shape questions together (%): 66; blind ~12
 ITC_R1 = 50.0                # ITC R@1 both ways (%): 85-91; chance 1.6
-ITM_ACCURACY = 70.0          # ITM balanced accuracy on held-out hard negatives (%): 90; chance 50
-CIDER_OVER_BLIND = 150.0     # with and without stage 1: 316-341; blind 33
+ITM_ACCURACY = 85.0          # ITM balanced accuracy on held-out hard negatives (%): 99.6; chance 50
+RERANK_WORST = -5.0          # ITM re-ranking minus ITC, each R@1 column (points): +3.0 to +4.7
+CIDER_OVER_BLIND = 150.0     # with and without stage 1: 275-316; blind 33
 CAPTION_WORDS_TRUE = 85.0    # colour and shape words of the captions that are true (%): 97-100; blind ~22
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -99,12 +101,13 @@ def test_each_stage1_objective_learns(results):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not reached yet: ITM re-ranking of ITC's top 16 lowers R@1 in "
-                   "every measured run; ITM needs ~4x the pipeline's stage-1 steps (docs/miniature.md); "
-                   "strict, so the suite fails once it no longer does and the mark is dropped")
 def test_itm_reranking_does_not_lower_retrieval(results):
-    r = _seed(results)["stage1"]["retrieval"]
-    assert r["txt_r1"] >= r["itc_txt_r1"] and r["img_r1"] >= r["itc_img_r1"], r
+    # R@1 both ways, on the five captions and on the full descriptions: re-ranking ITC's top k
+    # with ITM raises it on average (design 4, 600 stage-1 steps at batch 32: -10 text->image)
+    s1 = _seed(results)["stage1"]
+    gains = [r[a] - r["itc_" + a] for r in (s1["retrieval"], s1["description_retrieval"])
+             for a in ("txt_r1", "img_r1")]
+    assert sum(gains) / 4 >= 0 and min(gains) >= RERANK_WORST, gains
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def test_miniature_training_notebook_runs(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the kernel's devices
     nb = _execute("blip2_miniature_training.ipynb")
     text = _text(nb)
-    assert "VQA accuracy (%)" in text and "caption CIDEr" in text
+    assert "VQA accuracy, every question of each scene (%)" in text and "caption CIDEr" in text
     assert "<b>model</b>:" in text and "(truth:" in text
     m = re.search(r"stage-2 LM loss: ([0-9.]+) at step (\d+), ([0-9.]+) at step (\d+)", text)
     assert m and int(m.group(4)) == int(m.group(2)) + 4

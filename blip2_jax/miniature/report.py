@@ -298,7 +298,7 @@ def across_seeds(results: dict) -> str:
     """Ranges across seeds of the numbers that are not the claim's."""
     runs = [results["runs"][str(s)] for s in results["seeds"]]
     rows = [
-        ("VQA accuracy (%), with / without stage 1", "vqa", "accuracy", 1.0),
+        ("VQA accuracy, one question per scene (%), with / without stage 1", "vqa", "accuracy", 1.0),
         ("VQA accuracy, every question (%)", "vqa_all", "accuracy", 1.0),
         ("VQA colour questions, every question (%)", "vqa_all", "acc_colour", 1.0),
         ("VQA shape questions, every question (%)", "vqa_all", "acc_shape", 1.0),
