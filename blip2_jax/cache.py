@@ -11,13 +11,19 @@ import os
 ENV = "BLIP2_JAX_COMPILATION_CACHE"
 
 
-def default_dir() -> str | None:
-    """The cache directory from the environment (None: disabled)."""
-    value = os.environ.get(ENV)
+def env_dir(env: str, name: str) -> str | None:
+    """A cache directory: `$env` if set ("", "off", "0", "none": disabled -> None), else
+    `$XDG_CACHE_HOME/blip2_jax/<name>` (default `~/.cache/blip2_jax/<name>`)."""
+    value = os.environ.get(env)
     if value is not None:
         return None if value.strip().lower() in ("", "off", "0", "none") else os.path.expanduser(value)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "blip2_jax", "xla")
+    return os.path.join(base, "blip2_jax", name)
+
+
+def default_dir() -> str | None:
+    """The compilation cache directory from the environment (None: disabled)."""
+    return env_dir(ENV, "xla")
 
 
 def enable(directory: str | None = None, min_compile_seconds: float = 0.5) -> str | None:

@@ -111,11 +111,8 @@ def gpt2_bpe(encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenizer:
 
 def cache_dir() -> str | None:
     """Where directories' tokenizers are cached (None: disabled)."""
-    value = os.environ.get(CACHE_ENV)
-    if value is not None:
-        return None if value.strip().lower() in ("", "off", "0", "none") else os.path.expanduser(value)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "blip2_jax", "tokenizers")
+    from blip2_jax import cache
+    return cache.env_dir(CACHE_ENV, "tokenizers")
 
 
 def _cache_path(path: Path, add_dec: bool) -> str | None:
