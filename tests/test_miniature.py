@@ -255,3 +255,41 @@ def test_blind_every_question_by_hand():
     # answer overall ("red": 2 of 6, tied with "two", first counted wins)
     assert got["acc_colour"] == 100.0 and got["acc_count"] == 0.0 and got["acc_shape"] == 100.0
     assert got["accuracy"] == pytest.approx(200 / 3)
+
+
+class _BindingJudge:
+    """A predictor stand-in whose ITC and ITM prefer the texts in `liked`."""
+
+    def __init__(self, liked):
+        self.liked, self.texts = set(liked), []
+
+    def qformer_tokens(self, texts, max_len):
+        import numpy as np
+        start = len(self.texts)
+        self.texts += list(texts)
+        ids = np.arange(start, start + len(texts))[:, None] * np.ones((1, max_len), np.int64)
+        return ids, np.ones_like(ids)
+
+    def text_features(self, ids, mask):
+        import numpy as np
+        return np.array([[1.0, 0.0] if self.texts[i] in self.liked else [0.0, 1.0] for i in ids[:, 0]])
+
+    def itm_pair_logits(self, image_embeds, ids, mask, pairs):
+        import numpy as np
+        liked = np.array([self.texts[ids[t, 0]] in self.liked for t in pairs[:, 1]])
+        return np.stack([-liked.astype(float), np.where(liked, 1.0, -1.0)], 1)
+
+
+@pytest.mark.parametrize("prefers_truth", [True, False])
+def test_binding_accuracy_compares_each_scene_with_its_swapped_twin(prefers_truth):
+    import numpy as np
+
+    from blip2_jax.miniature import probes
+    objects = [[("red", "star"), ("blue", "square")], [("green", "circle")],
+               [("white", "cross"), ("orange", "diamond")]]
+    _, true, swapped = probes.swapped_pairs(objects)
+    judge = _BindingJudge(true if prefers_truth else swapped)
+    feats = {"image_feats": np.tile(np.array([[[1.0, 0.0]]]), (3, 1, 1)), "image_embeds": np.zeros((3, 2, 2))}
+    got = probes.binding_accuracy(judge, feats, objects, max_text_len=8)
+    expected = 100.0 if prefers_truth else 0.0
+    assert got == {"itc": expected, "itm": expected, "pairs": 2}
