@@ -62,17 +62,23 @@ def caption_precision(captions: dict, questions: list[dict]) -> dict:
             for k in ("colour", "shape", "object")}
 
 
-def blind_baselines(train: dict, questions: list[dict]) -> dict:
-    """What text alone scores without the image: for VQA the commonest training answer to each
-    question text (else the commonest answer), for captioning the commonest training caption
-    for every image. `train` = unimodal.read_scenes of the training split."""
-    from blip2_jax.evaluators import metrics
+def answer_prior(train: dict):
+    """question text -> the commonest training answer to it (else the commonest answer)."""
     table = defaultdict(Counter)
     for qa in train["qa"]:
         for q, a in qa:
             table[q][a] += 1
     overall = Counter(a for c in table.values() for a in c.elements())
-    answers = {q["image_id"]: (table[q["question"]] or overall).most_common(1)[0][0] for q in questions}
+    return lambda q: (table.get(q) or overall).most_common(1)[0][0]
+
+
+def blind_baselines(train: dict, questions: list[dict]) -> dict:
+    """What text alone scores without the image: for VQA the commonest training answer to each
+    question text (else the commonest answer), for captioning the commonest training caption
+    for every image. `train` = unimodal.read_scenes of the training split."""
+    from blip2_jax.evaluators import metrics
+    prior = answer_prior(train)
+    answers = {q["image_id"]: prior(q["question"]) for q in questions}
     caption = Counter(c for caps in train["captions"] for c in caps).most_common(1)[0][0]
     blind_caps = {q["image_id"]: caption for q in questions}
     refs = {q["image_id"]: q["captions"] for q in questions}
@@ -86,16 +92,11 @@ def blind_every_question(train: dict, test: dict) -> dict:
     """`blind_baselines`' VQA prior on every question of the `test` scenes (read_scenes with
     qa_types): accuracy (%) overall and per type, as `probes.vqa_every_question` reports it."""
     from blip2_jax.evaluators import metrics
-    table = defaultdict(Counter)
-    for qa in train["qa"]:
-        for q, a in qa:
-            table[q][a] += 1
-    overall = Counter(a for c in table.values() for a in c.elements())
+    prior = answer_prior(train)
     hits: dict[str, list[bool]] = defaultdict(list)
     for qa, types in zip(test["qa"], test["qa_types"]):
         for (q, a), t in zip(qa, types):
-            guess = (table[q] or overall).most_common(1)[0][0]
-            hits[t].append(metrics.normalize_answer(guess) == metrics.normalize_answer(a))
+            hits[t].append(metrics.normalize_answer(prior(q)) == metrics.normalize_answer(a))
     out = {f"acc_{t}": 100.0 * sum(v) / len(v) for t, v in sorted(hits.items())}
     out.update({f"n_{t}": len(v) for t, v in hits.items()})
     out["accuracy"] = 100.0 * sum(sum(v) for v in hits.values()) / max(sum(len(v) for v in hits.values()), 1)
