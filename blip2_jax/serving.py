@@ -17,6 +17,8 @@ paths and PIL images (`inference.py`); the evaluators, the CLIs, the demo and an
 """
 from __future__ import annotations
 
+import concurrent.futures
+
 import functools
 import json
 import os
@@ -29,7 +31,7 @@ import numpy as np
 
 from blip2_jax import generation, sharding
 from blip2_jax.data import text as text_lib
-from blip2_jax.data.tokenizers import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from blip2_jax.data.tokenizers import Tokenizer, load_tokenizer, require_tokenizer_files
 from blip2_jax.generation import GenerationOptions
 from blip2_jax.models.blip2 import Blip2
 from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
@@ -484,12 +486,15 @@ class Predictor:
         dt = build.dtype(dtype) if isinstance(dtype, str) else jnp.dtype(dtype)
         mesh = sharding.single_device_mesh() if mesh is None else mesh
         cfg, _ = hf.read_config(directory)
-        if not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
-            raise WeightsError(f"{directory}: cannot load the tokenizer: no tokenizer files "
-                               f"({', '.join(TOKENIZER_FILES)})")
+        try:
+            require_tokenizer_files(directory)
+        except ValueError as e:
+            raise _tokenizer_error(directory, e) from None
         # The tokenizer loads in a thread while the weights are placed: its import of
         # transformers (and of PyTorch where that is installed) takes seconds.
-        tok_job = _Background(load_tokenizer, directory, qformer=cfg.text is None)
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        tok_job = pool.submit(load_tokenizer, directory, qformer=cfg.text is None)
+        pool.shutdown(wait=False)
         gen_cfg = hf.read_generation_config(directory, cfg)
         ckpt = hf.read_lazy(directory, scan_layers=scan)  # every tensor checked, none read yet
         cfg = ckpt.config
@@ -503,9 +508,7 @@ class Predictor:
         try:
             own_tok = tok_job.result()
         except (FileNotFoundError, ValueError, OSError) as e:
-            msg = " ".join(str(e).split())
-            raise WeightsError(msg if msg.startswith(f"{directory}: cannot load the tokenizer")
-                               else f"{directory}: cannot load the tokenizer: {msg}") from None
+            raise _tokenizer_error(directory, e) from None
         own = (own_tok, None) if cfg.text is not None else (None, own_tok)
         return cls(model, params, cfg, mesh=mesh, tokenizer=tokenizer or own[0],
                    qformer_tokenizer=qformer_tokenizer or own[1],
@@ -524,26 +527,11 @@ class Predictor:
                    qformer_tokenizer=qformer_tokenizer or tc.input.get("qformer_tokenizer"))
 
 
-class _Background:
-    """`fn(*args, **kwargs)` in a daemon thread; `result()` waits and returns or re-raises."""
-
-    def __init__(self, fn, *args, **kwargs):
-        import threading
-        self._out: dict = {}
-
-        def run():
-            try:
-                self._out["value"] = fn(*args, **kwargs)
-            except BaseException as e:  # noqa: BLE001  (handed to the caller by result())
-                self._out["error"] = e
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def result(self):
-        self._thread.join()
-        if "error" in self._out:
-            raise self._out["error"]
-        return self._out["value"]
+def _tokenizer_error(directory: str, e: Exception):
+    """One line: `directory: cannot load the tokenizer: <why>` (the path said once)."""
+    from blip2_jax.weights.safetensors_io import WeightsError
+    why = " ".join(str(e).split()).removeprefix(f"{directory}: ").removeprefix("cannot load the tokenizer: ")
+    return WeightsError(f"{directory}: cannot load the tokenizer: {why}")
 
 
 def default_scan_layers() -> bool:

@@ -157,12 +157,17 @@ def _write_cached(file: str | None, tok: Tokenizer) -> None:
         pass  # a read-only home: build it each time rather than fail
 
 
+def require_tokenizer_files(path: str | Path) -> None:
+    """ValueError unless `path` holds a tokenizer file (a cheap check before loading)."""
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
 def from_transformers_dir(path: str | Path, *, add_dec: bool = False) -> Tokenizer:
     """A transformers tokenizer directory, with the special ids it adds around a text (from
     the cache when these files were read before; see the module docstring)."""
     path = Path(path)
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise ValueError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    require_tokenizer_files(path)
     file = _cache_path(path, add_dec)
     tok = _read_cached(file)
     if tok is None:
@@ -172,7 +177,6 @@ def from_transformers_dir(path: str | Path, *, add_dec: bool = False) -> Tokeniz
 
 
 def _with_transformers(path: Path, add_dec: bool) -> Tokenizer:
-    import os
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoTokenizer  # slow import: only when a directory is used

@@ -219,11 +219,10 @@ class Runner:
         return P.test_scenes(phases.DATASET, os.path.join(self.w, "tfds"), ev.caption.input.split)
 
     def _stage1_eval(self, p, stage1_dir: str, temperature: float) -> dict:
-        from blip2_jax.miniature import probes, unimodal
+        from blip2_jax.miniature import probes
         ev = self._cfg("eval")
         questions = self._questions()
-        scenes = unimodal.read_scenes(phases.DATASET, ev.retrieval.input.split, os.path.join(self.w, "tfds"),
-                                      phases.VISION["image_size"])
+        scenes = self._test_scenes()
         res = P.evaluate_phase(p, stage1_dir, {"retrieval": P.eval_config(
             "retrieval", dict(ev.retrieval), os.path.join(stage1_dir, "eval"))},
             probe=lambda pred: probes.stage1_probes(pred, scenes["images"], scenes["captions"],
