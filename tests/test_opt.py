@@ -188,6 +188,26 @@ def test_dropout_only_when_not_deterministic():
     assert not np.allclose(drop[0], det) and not np.allclose(drop[0], drop[1])
 
 
+def test_apply_checks_parameter_shapes_without_tracing_initialisers(monkeypatch):
+    """layers.CheapParams: flax's per-parameter `jax.eval_shape` is not run on apply (it cost
+    ~2 s of a full-size first call), and a stored shape that does not fit still fails, naming it."""
+    from flax.errors import ScopeParamShapeError
+    params = convert_opt.to_flax(small_state_dict(), SMALL, scan_layers=False)
+    model = opt.OPTForCausalLM(SMALL, scan_layers=False)
+    emb = model.apply({"params": params}, SMALL_IDS, method="embed")
+    args = (emb, SMALL_MASK, hf_positions(SMALL_MASK))
+    calls = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.apply({"params": params}, *args)
+    assert calls == []
+    for module, name in (("fc1", "kernel"), ("self_attn_layer_norm", "scale")):
+        layer = dict(params["layers_0"])
+        layer[module] = dict(layer[module], **{name: layer[module][name][..., :-1]})
+        with pytest.raises(ScopeParamShapeError, match=f"{name}.*layers_0/{module}"):
+            model.apply({"params": dict(params, layers_0=layer)}, *args)
+
+
 def test_untied_head_and_return_hidden():
     cfg = dataclasses.replace(SMALL, tie_word_embeddings=False)
     sd = small_state_dict()

@@ -12,6 +12,7 @@ import functools
 import math
 from typing import Any, Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,7 +95,35 @@ def linear(x: Array, kernel: Array, dtype: Dtype, transposed: bool = False,
     return y.astype(out_dtype)
 
 
-class Dense(nn.Module):
+class CheapParams:
+    """`param` without flax's shape check by `jax.eval_shape` of the initialiser, which runs for
+    every existing parameter on every trace (about 1 ms each: ~2 s of a full-size model's first
+    caption, even with the compilation cache warm). The stored shape is compared with the shape
+    argument directly, with flax's error."""
+
+    def param(self, name, init_fn, *init_args, unbox: bool = True, **init_kwargs):
+        if self.scope is None or not self.has_variable("params", name) or \
+                self.is_mutable_collection("params"):
+            return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        value = self.get_variable("params", name)
+        plain = nn.meta.unbox(value)
+        shape = init_args[0] if init_args else init_kwargs.get("shape")
+        if isinstance(shape, (tuple, list)) and hasattr(plain, "shape") and \
+                tuple(plain.shape) != tuple(shape):
+            raise flax.errors.ScopeParamShapeError(name, self.scope.path_text, tuple(plain.shape),
+                                                   tuple(shape))
+        return plain if unbox else value
+
+
+class LayerNorm(CheapParams, nn.LayerNorm):
+    """flax's LayerNorm (`CheapParams`)."""
+
+
+class Embed(CheapParams, nn.Embed):
+    """flax's Embed (`CheapParams`)."""
+
+
+class Dense(CheapParams, nn.Module):
     """y = x @ W + bias for W [in, out], annotated `axes=(in_axis, out_axis)`.
 
     `transposed`: the kernel is stored [out, in], as torch's Linear stores it (names
@@ -128,7 +157,7 @@ class Dense(nn.Module):
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
                use_bias: bool = True, use_scale: bool = True) -> nn.LayerNorm:
-    return nn.LayerNorm(
+    return LayerNorm(
         epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
         scale_init=logical(nn.initializers.ones, ("norm",)),
         bias_init=logical(nn.initializers.zeros, ("norm",)), name=name)

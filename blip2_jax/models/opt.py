@@ -148,10 +148,10 @@ class OPTForCausalLM(nn.Module):
     def setup(self):
         cfg = self.config
         init = nn.initializers.normal(cfg.init_std)
-        self.embed_tokens = nn.Embed(
+        self.embed_tokens = layers.Embed(
             cfg.vocab_size, cfg.word_embed_proj_dim, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=layers.logical(init, ("vocab", "embed")))
-        self.embed_positions = nn.Embed(
+        self.embed_positions = layers.Embed(
             cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size, dtype=self.dtype,
             param_dtype=self.param_dtype, embedding_init=layers.logical(init, ("position", "embed")))
         if cfg.word_embed_proj_dim != cfg.hidden_size:

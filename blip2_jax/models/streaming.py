@@ -62,9 +62,11 @@ def _input_blocks(d_in: int) -> int:
     return next(n for n in range(1, d_in + 1) if d_in % n == 0 and (d_in // n) * 4 < VECTOR_BYTES)
 
 
+@jax.jit
 def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """x [..., in] @ w.T for w [out, in] (any float or integer dtype), times `scale` [out, 1]
-    per output channel when given (int8 / int4 weights) -> float32 [..., out]."""
+    per output channel when given (int8 / int4 weights) -> float32 [..., out]. Jitted, so that
+    its loops are traced once per shape, not once per layer (a full-size model's first call)."""
     out, d_in = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in).astype(F32)

@@ -63,7 +63,7 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool, num_
     return buckets + jnp.where(distance < max_exact, distance, large)
 
 
-class T5LayerNorm(nn.Module):
+class T5LayerNorm(layers.CheapParams, nn.Module):
     """RMS norm: x / sqrt(mean(x^2) + eps) * scale, statistics in float32."""
     epsilon: float
     dtype: Dtype = jnp.float32
@@ -203,7 +203,7 @@ class T5Stack(nn.Module):
     def setup(self):
         cfg = self.config
         bias_init = nn.initializers.normal(cfg.initializer_factor * cfg.d_model ** -0.5)
-        self.relative_attention_bias = nn.Embed(
+        self.relative_attention_bias = layers.Embed(
             cfg.relative_attention_num_buckets, cfg.num_heads, dtype=self.dtype,
             param_dtype=self.param_dtype, embedding_init=layers.logical(bias_init, ("relpos", "heads")))
         self.final_layer_norm = T5LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype)
@@ -294,7 +294,7 @@ class T5ForConditionalGeneration(nn.Module):
         if cfg.num_decoder_layers < 1 or cfg.num_layers < 1:
             raise ValueError("T5 needs at least one encoder and one decoder layer")
         emb_init = nn.initializers.normal(cfg.initializer_factor)
-        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype,
+        self.shared = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype,
                                param_dtype=self.param_dtype,
                                embedding_init=layers.logical(emb_init, ("vocab", "embed")))
         stack = functools.partial(T5Stack, cfg, dtype=self.dtype, param_dtype=self.param_dtype,
