@@ -504,7 +504,7 @@ class Predictor:
         with sharding.use(mesh):
             boxed = build.abstract_params(model, cfg)
             shardings = quant.quantized_shardings(sharding.param_shardings(boxed, mesh), sharding.unbox(boxed), mode)
-        params = ckpt.place(shardings, dt, mode)
+        params = ckpt.place(shardings, dt, mode, _band_rule(mesh, scan))
         try:
             own_tok = tok_job.result()
         except (FileNotFoundError, ValueError, OSError) as e:
@@ -525,6 +525,22 @@ class Predictor:
         model, model_cfg, params, tc = init_lib.load_workdir(workdir, mesh)
         return cls(model, params, model_cfg, mesh=mesh, tokenizer=tokenizer or tc.input.get("llm_tokenizer"),
                    qformer_tokenizer=qformer_tokenizer or tc.input.get("qformer_tokenizer"))
+
+
+def _band_rule(mesh, scan: bool):
+    """Which weights `from_dir` lays out in input bands: on one CPU device with unrolled layers,
+    the language model's [out, in] kernels whose inputs a streamed decoding step reads in blocks
+    (`streaming.Banded`)."""
+    from blip2_jax.models import streaming
+
+    if scan or mesh.devices.size != 1 or jax.default_backend() != "cpu" or not streaming.applies(1, jnp.bfloat16):
+        return None
+
+    def rule(path, leaf, dtype) -> int:
+        if path[0] != "language_model" or path[-1] != "kernel":
+            return 1
+        return streaming.band_count(tuple(leaf.shape), dtype)
+    return rule
 
 
 def _tokenizer_error(directory: str, e: Exception):

@@ -154,6 +154,25 @@ def test_bfloat16_towers():
     assert len(ids) == 1 and 1 <= len(ids[0]) <= 3
 
 
+def test_cpu_serving_lays_wide_kernels_out_in_bands(monkeypatch):
+    """On one CPU device, the language model's kernels whose inputs decoding reads in blocks are
+    placed as their input bands (streaming.Banded; forced here on the tiny model by lowering the
+    block limit); the greedy tokens equal those of the plain layout."""
+    from blip2_jax import serving
+    from blip2_jax.models import streaming
+    image = [np.full((32, 32, 3), 90, np.uint8)]
+    plain = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16")
+    monkeypatch.setattr(streaming, "VECTOR_BYTES", 64)
+    banded = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16")
+    lm = banded.params["language_model"]["layers_0"]
+    assert isinstance(lm["fc2"]["kernel"], streaming.Banded)
+    assert isinstance(lm["self_attn"]["q_proj"]["kernel"], streaming.Banded)
+    assert lm["fc2"]["kernel"].shape == plain.params["language_model"]["layers_0"]["fc2"]["kernel"].shape
+    assert not isinstance(banded.params["vision_model"]["layers_0"]["fc2"]["kernel"], streaming.Banded)
+    assert banded.generate_ids(image, None, max_new_tokens=4) == plain.generate_ids(image, None, max_new_tokens=4)
+    assert serving._band_rule(banded.predictor.mesh, scan=True) is None
+
+
 def test_import_is_light():
     code = "import sys, blip2_jax; print(sorted(m for m in ('jax', 'transformers', 'flax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

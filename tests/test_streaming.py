@@ -46,3 +46,23 @@ def test_dense_streams_one_bfloat16_row_on_cpu_only_when_asked():
         assert "while" not in hlo(x1, w)
         off = layers.linear(x1, w, jnp.float32, True)
     np.testing.assert_allclose(np.asarray(on), np.asarray(off), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_banded_weights_give_the_plain_product(rows):
+    """streaming.Banded: a weight stored as its input bands gives x @ w.T, streamed for one row
+    (on CPU: `banded_dot`) and as one product per band for more."""
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((300, 9000)), jnp.bfloat16)
+    nb = streaming.band_count(w.shape, w.dtype)
+    assert nb == 3 and streaming.band_count((300, 4000), jnp.bfloat16) == 1
+    assert streaming.band_count((300, 9000), jnp.float32) == 1
+    banded = streaming.Banded(jnp.stack(jnp.split(w, nb, axis=1)))
+    assert banded.shape == w.shape and banded.blocks.shape == (3, 300, 3000)
+    x = jnp.asarray(rng.standard_normal((rows, 9000)), jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    with streaming.streaming(True):
+        hlo = jax.jit(lambda a: streaming.banded_linear(a, banded, jnp.float32)).lower(x).as_text()
+        got = streaming.banded_linear(x, banded, jnp.float32)
+    assert ("banded_dot" in hlo) == (rows == 1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())

@@ -84,6 +84,8 @@ def linear(x: Array, kernel: Array, dtype: Dtype, transposed: bool = False,
     -> [..., out] in `out_dtype` (default `dtype`). A few rows against a half-precision [out, in]
     kernel on CPU (decoding) stream it (`models/streaming.py`)."""
     out_dtype = dtype if out_dtype is None else out_dtype
+    if isinstance(kernel, streaming.Banded):  # [out, in] as its input bands (CPU serving)
+        return streaming.banded_linear(x, kernel, dtype).astype(out_dtype)
     rows = math.prod(x.shape[:-1])
     if transposed and kernel.ndim == 2 and streaming.applies(rows, kernel.dtype):
         return streaming.streaming_dot(x.astype(dtype), kernel.astype(dtype)).astype(out_dtype)
@@ -142,6 +144,8 @@ class Dense(CheapParams, nn.Module):
         stored = self.get_variable("params", "kernel")
         if quant.is_quantized(stored):  # a frozen tower's int8/int4 kernel (blip2_jax/quant.py)
             y = quant.dense(x, stored, self.dtype, precision(self.dtype))
+        elif isinstance(stored, streaming.Banded):  # a CPU-served kernel in input bands
+            y = linear(x, stored, self.dtype, transposed=True)
         else:
             shape, names = (x.shape[-1], self.features), self.axes
             if self.transposed:

@@ -96,11 +96,14 @@ class LazyCheckpoint:
         """Params as numpy (`dtype`: the frozen towers' dtype; None keeps the file's dtypes)."""
         return placement.materialize(self.tree, self.dtype_of(dtype), self.state_dict.release)
 
-    def place(self, shardings: Mapping, dtype: Any = np.float32, quantize: str = "none") -> dict:
+    def place(self, shardings: Mapping, dtype: Any = np.float32, quantize: str = "none",
+              bands=None) -> dict:
         """Params as jax.Arrays with `shardings`, frozen towers' matrices in `dtype`; with
-        `quantize` ("int8", "int4") their kernels quantized on the way (`placement.place`)."""
+        `quantize` ("int8", "int4") their kernels quantized on the way, with `bands` some laid
+        out in input bands (`placement.place`)."""
         try:
-            return placement.place(self.tree, shardings, self.dtype_of(dtype), self.state_dict.release, quantize)
+            return placement.place(self.tree, shardings, self.dtype_of(dtype), self.state_dict.release,
+                                   quantize, bands)
         except ValueError as e:
             raise WeightsError(f"{self.directory}: {e}") from None
 

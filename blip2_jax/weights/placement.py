@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from blip2_jax import quant, train_state
+from blip2_jax.models import streaming
 
 _FROZEN = [re.compile(p) for p in train_state.frozen_patterns()]
 _NORM = re.compile(train_state.NORM_PATTERN)
@@ -153,12 +154,14 @@ def materialize(tree: dict, dtype_of: DtypeFn, release: Release = lambda arrays:
 
 
 def place(tree: dict, shardings: dict, dtype_of: DtypeFn, release: Release = lambda arrays: None,
-          quantize: str = "none") -> dict:
+          quantize: str = "none", bands: Callable[[Path, Any, Any], int] | None = None) -> dict:
     """A lazy tree -> jax.Arrays with `shardings` (same structure), one leaf at a time: each
     device's shard is copied out of the views into its own host buffer (only that slice) and
     put on the device; then the leaf's file pages are released. `quantize` ("int8", "int4"):
     the kernels `quant.rules` selects become `qwix.QArray`s (their shardings: `quant.shard_like`),
-    quantized on the host one block at a time; stored `Quantized` leaves are placed as they are."""
+    quantized on the host one block at a time; stored `Quantized` leaves are placed as they are.
+    `bands(path, leaf, dtype)` > 1: the leaf is laid out as that many input bands on the way
+    (`streaming.Banded`, one device only)."""
     flat_sh = flatten(shardings)
     flat = flatten(tree)
     if set(flat) != set(flat_sh):
@@ -171,9 +174,28 @@ def place(tree: dict, shardings: dict, dtype_of: DtypeFn, release: Release = lam
         if qtype is not None:
             out[path] = place_quantized(leaf, flat_sh[path], qtype, release)
             continue
-        shard = functools.partial(_host_shard, leaf, dtype_of(path, leaf), release)
+        dt = dtype_of(path, leaf)
+        nb = bands(path, leaf, dt) if bands is not None else 1
+        if nb > 1:
+            out[path] = place_banded(leaf, flat_sh[path], dt, nb, release)
+            continue
+        shard = functools.partial(_host_shard, leaf, dt, release)
         out[path] = jax.make_array_from_callback(tuple(leaf.shape), flat_sh[path], shard)
     return unflatten(out)
+
+
+def place_banded(leaf, sh, dtype, nb: int, release: Release) -> streaming.Banded:
+    """A 2-D leaf on the one device of `sh`, copied straight into its `nb` input bands."""
+    if len(sh.device_set) != 1:
+        raise ValueError("input bands are laid out for one device only")
+    src = np.asarray(leaf)
+    o, d_in = src.shape
+    ib = d_in // nb
+    host = aligned_empty((nb, o, ib), dtype)
+    for b in range(nb):
+        copy_into(host[b], src[:, b * ib:(b + 1) * ib])
+    release([leaf])
+    return streaming.Banded(jax.device_put(host, next(iter(sh.device_set))))
 
 
 # ------------------------------------------------------------------------------ quantized kernels
