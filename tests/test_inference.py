@@ -3,6 +3,7 @@ transformers' numbers, sharded loading, bfloat16, and the errors users see."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -171,6 +172,32 @@ def test_cpu_serving_lays_wide_kernels_out_in_bands(monkeypatch):
     assert not isinstance(banded.params["vision_model"]["layers_0"]["fc2"]["kernel"], streaming.Banded)
     assert banded.generate_ids(image, None, max_new_tokens=4) == plain.generate_ids(image, None, max_new_tokens=4)
     assert serving._band_rule(banded.predictor.mesh, scan=True) is None
+
+
+def test_cpu_serving_gives_large_freed_buffers_back(monkeypatch):
+    """serving.return_large_frees: after it, a freed 16 MiB buffer leaves the resident set even
+    after a larger one was freed (glibc's default would have raised its mmap threshold to that
+    size and kept the 16 MiB); the environment variable sets or turns it off, bad values fail."""
+    from blip2_jax import serving
+
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    monkeypatch.setenv(serving.MMAP_ENV, "0")
+    assert serving.return_large_frees() is None
+    monkeypatch.setenv(serving.MMAP_ENV, "lots")
+    with pytest.raises(ValueError, match=serving.MMAP_ENV):
+        serving.return_large_frees()
+    monkeypatch.delenv(serving.MMAP_ENV)
+    assert serving.return_large_frees() == 1 << 20
+    big = np.ones(24 << 20, np.uint8)
+    del big
+    before = rss_mib()
+    buf = np.ones(16 << 20, np.uint8)
+    assert rss_mib() - before > 12
+    del buf
+    assert rss_mib() - before < 4
 
 
 def test_import_is_light():
