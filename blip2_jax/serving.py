@@ -537,7 +537,8 @@ def return_large_frees() -> int | None:
     """On glibc, buffers of 1 MiB and more are mapped on their own and given back when freed
     (`mallopt(M_MMAP_THRESHOLD)`, process-wide). By default glibc raises that threshold as large
     buffers are freed and keeps what is freed after: at full size, the products' transient
-    buffers left a batch-8 caption's process at 1.9x its weights (1.2x with this, ~5 % slower).
+    buffers left a batch-8 caption's process at 1.9x its weights (1.2x with this; a caption ~5 %
+    slower, some phases up to ~25 %, on a machine whose fresh pages fault in slowly).
     `BLIP2_JAX_MMAP_THRESHOLD`: another threshold in bytes, 0 to keep glibc's behaviour. Returns
     the threshold set, or None."""
     import ctypes
