@@ -18,7 +18,6 @@ paths and PIL images (`inference.py`); the evaluators, the CLIs, the demo and an
 from __future__ import annotations
 
 import concurrent.futures
-
 import functools
 import json
 import os

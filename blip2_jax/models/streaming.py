@@ -69,6 +69,22 @@ def _input_blocks(d_in: int) -> int:
     return next(n for n in range(1, d_in + 1) if d_in % n == 0 and (d_in // n) * 4 < VECTOR_BYTES)
 
 
+def _chunk_rows(out: int, width: int, dtype) -> int:
+    """Output channels per loop step: CHUNK_BYTES of a `width`-wide weight (at least 8)."""
+    return min(out, max(8, CHUNK_BYTES // (width * np.dtype(dtype).itemsize)))
+
+
+def _over_chunks(product, rows: int, out: int, chunk: int) -> jax.Array:
+    """float32 [rows, out] from `product(start)` -> [rows, chunk] for output channels [start,
+    start + chunk), in a loop over the chunks (the last may overlap the one before)."""
+    def step(y, j):
+        start = jnp.minimum(j * chunk, out - chunk)
+        return jax.lax.dynamic_update_slice_in_dim(y, product(start), start, axis=1), None
+
+    y, _ = jax.lax.scan(step, jnp.zeros((rows, out), F32), jnp.arange(-(-out // chunk)))
+    return y
+
+
 @jax.jit
 def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """x [..., in] @ w.T for w [out, in] (any float or integer dtype), times `scale` [out, 1]
@@ -80,10 +96,11 @@ def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) ->
     rows = x2.shape[0]
     nb = _input_blocks(d_in)
     ib = d_in // nb
-    chunk = min(out, max(8, CHUNK_BYTES // (d_in * np.dtype(w.dtype).itemsize)))
+    chunk = _chunk_rows(out, d_in, w.dtype)
     xb = x2.reshape(rows * nb, ib)  # (row, input block) pairs
 
-    def product(w_chunk):  # [chunk, in] -> [rows, chunk]
+    def product(start):  # output channels [start, start + chunk) -> [rows, chunk]
+        w_chunk = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=0)
         if rows * nb == 1:
             return jnp.dot(x2, w_chunk.astype(F32).T)
 
@@ -95,12 +112,7 @@ def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) ->
         _, y = jax.lax.scan(one, None, jnp.arange(rows * nb))
         return y.reshape(rows, nb, chunk).sum(axis=1)
 
-    def step(y, j):
-        start = jnp.minimum(j * chunk, out - chunk)  # the last chunk may overlap the one before
-        w_chunk = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=0)
-        return jax.lax.dynamic_update_slice_in_dim(y, product(w_chunk), start, axis=1), None
-
-    y, _ = jax.lax.scan(step, jnp.zeros((rows, out), F32), jnp.arange(-(-out // chunk)))
+    y = _over_chunks(product, rows, out, chunk)
     if scale is not None:
         y = y * scale[:, 0].astype(F32)
     return y.reshape(lead + (out,))
@@ -137,18 +149,13 @@ def banded_dot(x: jax.Array, blocks: jax.Array) -> jax.Array:
     nb, out, ib = blocks.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, nb, ib).astype(F32)
-    chunk = min(out, max(8, CHUNK_BYTES // (ib * np.dtype(blocks.dtype).itemsize)))
+    chunk = _chunk_rows(out, ib, blocks.dtype)
 
     def band(b):
-        xv = x2[:, b]
-
-        def step(y, j):
-            start = jnp.minimum(j * chunk, out - chunk)
+        def product(start):
             wk = jax.lax.dynamic_slice(blocks, (b, start, 0), (1, chunk, ib))[0]
-            return jax.lax.dynamic_update_slice_in_dim(y, jnp.dot(xv, wk.astype(F32).T), start, axis=1), None
-
-        y, _ = jax.lax.scan(step, jnp.zeros((x2.shape[0], out), F32), jnp.arange(-(-out // chunk)))
-        return y
+            return jnp.dot(x2[:, b], wk.astype(F32).T)
+        return _over_chunks(product, x2.shape[0], out, chunk)
 
     return sum(band(b) for b in range(nb)).reshape(lead + (out,))
 
