@@ -95,6 +95,35 @@ def test_host_copy_is_aligned_and_transposes_exactly():
     np.testing.assert_array_equal(out, a.T.astype(ml_dtypes.bfloat16))
 
 
+def test_views_of_a_file_are_read_with_pread_exactly(tmp_path, monkeypatch):
+    """Copies out of a safetensors file go through `pread` (not the map's page faults), in
+    parts and stages smaller than the tensors here, and give numpy's own copy in every case:
+    as stored, cast, transposed, a band of columns; a truncated file is a one-line error."""
+    from blip2_jax.weights import safetensors_io
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 260)).astype(ml_dtypes.bfloat16)
+    save_state_dict({"a": np.arange(7, dtype=np.float32), "w": w}, str(tmp_path))
+    sd = LazyStateDict([str(tmp_path / "model.safetensors")])
+    reads = []
+    real = safetensors_io.read_span
+    monkeypatch.setattr(safetensors_io, "read_span", lambda fm, off, out: (reads.append(out.nbytes), real(fm, off, out)))
+    monkeypatch.setattr(safetensors_io, "_READ_PART", 4096)
+    monkeypatch.setattr(placement, "_STAGE_BYTES", 40_000)  # a cast in 4 stages, a transpose in one
+    v = sd["w"]
+    cases = {"stored": (v, v.dtype), "cast": (v, np.float32), "transposed": (v.T, np.float32),
+             "band": (v[:, 130:], v.dtype), "rows": (v[17:42], v.dtype)}
+    for name, (src, dt) in cases.items():
+        reads.clear()
+        np.testing.assert_array_equal(placement.host_copy(src, dt), np.array(src).astype(dt), err_msg=name)
+        assert sum(reads) >= src.nbytes, (name, reads)
+    banded = placement.place_banded(v, jax.sharding.SingleDeviceSharding(jax.devices()[0]), v.dtype, 2, lambda a: None)
+    np.testing.assert_array_equal(np.asarray(banded.blocks), np.stack([np.array(v[:, :130]), np.array(v[:, 130:])]))
+    with open(tmp_path / "model.safetensors", "r+b") as f:  # cut short after the header was read
+        f.truncate(os.path.getsize(tmp_path / "model.safetensors") - 1000)
+    with pytest.raises(safetensors_io.WeightsError, match="truncated while loading"):
+        placement.host_copy(v, v.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Peak host memory
 # ----------------------------------------------------------------------------------------------

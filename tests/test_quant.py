@@ -195,10 +195,12 @@ def test_int4_checkpoint_stores_one_value_per_byte(tmp_path):
 MEASURE = """
     import json, re, sys, time
     import jax
-    from blip2_jax import quant, sharding
+    from blip2_jax import quant, serving, sharding
     from blip2_jax.models import build
     from blip2_jax.models.blip2 import Blip2
     from blip2_jax.weights import hf
+
+    serving.return_large_frees()  # as CPU serving does: freed transient buffers leave the process
 
     def hwm_mib():
         return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024

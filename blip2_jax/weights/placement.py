@@ -2,8 +2,9 @@
 
 The converters (`convert_*.to_flax`) run over memory-mapped views, so their output is a tree of
 views (transposes and slices of the file's bytes) in which nothing has been read yet. `place`
-then takes one leaf at a time: copies it into a fresh host buffer in its target dtype (a blocked
-copy when the view is a transpose), hands that buffer to `jax.device_put` with the leaf's
+then takes one leaf at a time: copies it into a fresh host buffer in its target dtype (read from
+the file with `pread`, not through the map's page faults; a blocked copy when the view is a
+transpose), hands that buffer to `jax.device_put` with the leaf's
 sharding (on a CPU device the 64-byte-aligned buffer becomes the array without a copy), and
 drops the file pages it read. With a mesh, each device's shard is cut from the views directly
 (`jax.make_array_from_callback`), so no host copy of a whole sharded tensor is made; layers
@@ -27,12 +28,14 @@ import numpy as np
 
 from blip2_jax import quant, train_state
 from blip2_jax.models import streaming
+from blip2_jax.weights import safetensors_io
 
 _FROZEN = [re.compile(p) for p in train_state.frozen_patterns()]
 _NORM = re.compile(train_state.NORM_PATTERN)
 _LAYER_KEY = re.compile(r"^layers_(\d+)$")
 _ALIGN = 64  # XLA's CPU client adopts host buffers with this alignment instead of copying them
 _BLOCK = 512  # rows/columns per block of a transposing copy (cache-friendly)
+_STAGE_BYTES = 8 << 20  # file bytes read per step when a view is cast or rearranged on the way
 
 Path = tuple[str, ...]
 
@@ -111,7 +114,10 @@ def copy_into(out: np.ndarray, src: np.ndarray) -> None:
     """out[...] = src with a dtype cast; a 2-D strided source (a transposed view) is copied in
     square blocks, which is several times faster than numpy's element order. Same-dtype copies
     go through unsigned views: numpy copies ml_dtypes' bfloat16 element by element otherwise
-    (~0.35 GB/s, most of a full-size load)."""
+    (~0.35 GB/s, most of a full-size load). A view of a safetensors file is read from the file
+    (`_read_file`)."""
+    if _read_file(out, src):
+        return
     if src.dtype == out.dtype and src.dtype.itemsize in (1, 2, 4, 8):
         raw = np.dtype(f"u{src.dtype.itemsize}")
         out, src = out.view(raw), src.view(raw)
@@ -122,6 +128,37 @@ def copy_into(out: np.ndarray, src: np.ndarray) -> None:
                 np.copyto(out[i:i + _BLOCK, j:j + _BLOCK], src[i:i + _BLOCK, j:j + _BLOCK], casting="unsafe")
     else:
         np.copyto(out, src, casting="unsafe")
+
+
+def _read_file(out: np.ndarray, src: np.ndarray) -> bool:
+    """out[...] = src for a view `src` of a safetensors file, read with `pread`: straight into
+    `out` when src is contiguous and of out's dtype, else through a staging buffer (row blocks
+    of a contiguous view, or the whole span of a rearranged one up to a few blocks). False when
+    src is not such a view (or too scattered to stage)."""
+    span = safetensors_io.file_span(src) if safetensors_io.can_read_spans else None
+    if span is None or not out.flags.c_contiguous or out.shape != src.shape:
+        return False
+    fm, offset, nbytes = span
+    if src.flags.c_contiguous:
+        if src.dtype == out.dtype:
+            safetensors_io.read_span(fm, offset, out)
+            return True
+        flat_src, flat_out = src.reshape(-1), out.reshape(-1)
+        step = _STAGE_BYTES // src.dtype.itemsize
+        stage = np.empty(min(nbytes, _STAGE_BYTES), np.uint8)
+        for i in range(0, flat_src.size, step):
+            n = min(step, flat_src.size - i)
+            buf = stage[:n * src.dtype.itemsize]
+            safetensors_io.read_span(fm, offset + i * src.dtype.itemsize, buf)
+            np.copyto(flat_out[i:i + n], buf.view(src.dtype), casting="unsafe")
+        return True
+    if nbytes > 4 * _STAGE_BYTES:
+        return False
+    stage = np.empty(nbytes, np.uint8)
+    safetensors_io.read_span(fm, offset, stage)
+    start = src.__array_interface__["data"][0] - (fm.address + offset)
+    copy_into(out, np.ndarray(src.shape, src.dtype, buffer=stage, offset=start, strides=src.strides))
+    return True
 
 
 def host_copy(src: np.ndarray, dtype: Any) -> np.ndarray:
@@ -192,8 +229,12 @@ def place_banded(leaf, sh, dtype, nb: int, release: Release) -> streaming.Banded
     o, d_in = src.shape
     ib = d_in // nb
     host = aligned_empty((nb, o, ib), dtype)
-    for b in range(nb):
-        copy_into(host[b], src[:, b * ib:(b + 1) * ib])
+    rows = max(1, _STAGE_BYTES // max(1, src[:1].nbytes))
+    for r in range(0, o, rows):  # a block of rows read once, then dealt out to the bands
+        block = host_copy(src[r:r + rows], dtype)
+        for b in range(nb):
+            copy_into(host[b, r:r + rows], block[:, b * ib:(b + 1) * ib])
+        release([src[r:r + rows]])
     release([leaf])
     return streaming.Banded(jax.device_put(host, next(iter(sh.device_set))))
 
