@@ -7,7 +7,8 @@
    (tools/make_full_checkpoint.py, run by the PyTorch interpreter; cached outside the repository).
 2. Measures this machine's limits in the same run: read bandwidth (a reduction over 1 GiB) and
    the matmul peak in bfloat16 and float32 (a large matmul), in JAX and in PyTorch (the larger
-   counts as the machine's).
+   counts as the machine's); on a CPU also one core's read bandwidth (a decoding step's products
+   run one after another on one thread).
 3. Runs each side in a child process of its own (one at a time: each holds the whole model):
    load seconds, first caption (compilation included), steady caption, tokens/s at batch 1 and
    8, the image side, prefill and one decoding step, peak RSS, and the generated ids. One
@@ -191,8 +192,12 @@ print(json.dumps(out), flush=True)
 '''
 
 LIMITS_JAX = r'''
-import json, sys, time, jax, jax.numpy as jnp
+import json, os, sys, time
 elements, n = int(sys.argv[1]), int(sys.argv[2])  # summed float32s; the matmul's size
+one_core = len(sys.argv) > 3  # read bandwidth from one core only (before jax sizes its threads)
+if one_core:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import jax, jax.numpy as jnp
 def best(f, *a, n=5):
     jax.block_until_ready(f(*a)); b = 1e9
     for _ in range(n):
@@ -202,7 +207,7 @@ x = jnp.ones((elements,), jnp.float32)
 bw = x.nbytes / best(jax.jit(jnp.sum), x)
 del x
 out = {"bandwidth": bw}
-for dt in ("bfloat16", "float32"):
+for dt in () if one_core else ("bfloat16", "float32"):
     a = jax.random.normal(jax.random.key(0), (n, n), dt)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     out[f"peak_{dt}"] = 2 * n**3 / best(f, a, a)
@@ -212,6 +217,9 @@ print(json.dumps(out))
 LIMITS_TORCH = r'''
 import json, sys, time, torch
 elements, n, dev = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+one_core = len(sys.argv) > 4
+if one_core:
+    torch.set_num_threads(1)
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 def best(f, n=5):
     f(); sync(); b = 1e9
@@ -221,7 +229,7 @@ def best(f, n=5):
 x = torch.ones(elements, device=dev)
 out = {"bandwidth": x.numel() * 4 / best(lambda: x.sum())}
 del x
-for dt in ("bfloat16", "float32"):
+for dt in () if one_core else ("bfloat16", "float32"):
     a = torch.randn(n, n, dtype=getattr(torch, dt), device=dev)
     out[f"peak_{dt}"] = 2 * n**3 / best(lambda: a @ a)
 print(json.dumps(out))
@@ -388,7 +396,13 @@ def limits(torch_python: str) -> dict:
     _, dev, (elements, n) = DEVICES[DEVICE]
     ours = _child([sys.executable, "-c", LIMITS_JAX, str(elements), str(n)], jax_env(), "the JAX limits")
     theirs = _child([torch_python, "-c", LIMITS_TORCH, str(elements), str(n), dev], torch_env(), "the PyTorch limits")
-    return {k: max(ours[k], theirs[k]) for k in ours} | {"jax": ours, "torch": theirs}
+    out = {k: max(ours[k], theirs[k]) for k in ours} | {"jax": ours, "torch": theirs}
+    if dev == "cpu":  # one core's: a decoding step's products run one after another on one thread
+        one = [_child([sys.executable, "-c", LIMITS_JAX, str(elements), str(n), "one"], jax_env(), "the JAX limits"),
+               _child([torch_python, "-c", LIMITS_TORCH, str(elements), str(n), dev, "one"], torch_env(),
+                      "the PyTorch limits")]
+        out["bandwidth_one_core"] = max(x["bandwidth"] for x in one)
+    return out
 
 
 def run_ours(d: str, dtype: str, quant: str, cache_dir: str | None = None) -> dict:
@@ -474,6 +488,11 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
             roof, frac = ("-", "-") if roof is None else (f"{roof * 1e3:.1f}", f"{frac:.0%}")
             print(f"| {b} | {phase} | {ours[f'b{b}'][f'{key}_s'] * 1e3:.1f} | {theirs[f'b{b}'][f'{key}_s'] * 1e3:.1f} "
                   f"| {roof} | {frac} |")
+    if "bandwidth_one_core" in lim:
+        rate = ours["llm_bytes"] / ours["b1"]["step_s"]
+        print(f"# batch-1 decoding streams the weights at {rate / 1e9:.1f} GB/s on one thread: "
+              f"{rate / lim['bandwidth_one_core']:.0%} of one core's read bandwidth "
+              f"({lim['bandwidth_one_core'] / 1e9:.1f} GB/s, same run), {rate / lim['bandwidth']:.0%} of all cores'")
 
 
 def main():
@@ -511,7 +530,8 @@ def main():
     theirs = run_theirs(args.torch_python, str(d), args.dtype)
     extra = {"blip2_jax int8": run_ours(str(d), args.dtype, "int8")} if args.int8 else {}
     lim_after = limits(args.torch_python)
-    lim = {k: max(lim[k], lim_after[k]) for k in ("bandwidth", "peak_bfloat16", "peak_float32")} | {
+    lim = {k: max(lim[k], lim_after[k]) for k in ("bandwidth", "peak_bfloat16", "peak_float32", "bandwidth_one_core")
+           if k in lim} | {
         "jax": lim["jax"], "torch": lim["torch"]}
     report(args.config, args.dtype, lim, ours, theirs, extra)
     if args.json:
