@@ -202,6 +202,8 @@ def read_span(fm: FileMap, offset: int, out: np.ndarray) -> None:
     """Fills the C-contiguous `out` with the file's bytes from `offset` (`pread`, no mapping).
     A large span is read in parts by a few threads: filling fresh memory is bound by its page
     faults, which the cores take in parallel."""
+    if not out.flags.c_contiguous:
+        raise ValueError("read_span fills C-contiguous arrays only")
     view = memoryview(out.reshape(-1).view(np.uint8))
     parts = [(i, min(i + _READ_PART, len(view))) for i in range(0, len(view), _READ_PART)]
     if len(parts) == 1:
