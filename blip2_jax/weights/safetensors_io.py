@@ -9,8 +9,8 @@ index must name shards inside the model directory, and every tensor must sit in 
 shard the index names. Tensors come back as read-only views of the file's memory map;
 `LazyStateDict.release` drops the pages a view touched, so reading a model tensor by tensor never
 accumulates the files in memory. A view's bytes can also be read with `pread` (`file_span`,
-`read_span`): copying through the map faults every 4 KiB page in (0.5 GB/s on a virtual machine),
-reading copies from the page cache at memory speed.
+`read_span`): copying through the map faults each 4 KiB page of the file in (2.3-7.3 GB/s on a
+virtual machine, measured), reading copies from the page cache (10-13 GB/s there).
 """
 from __future__ import annotations
 
