@@ -124,6 +124,37 @@ def test_views_of_a_file_are_read_with_pread_exactly(tmp_path, monkeypatch):
         placement.host_copy(v, v.dtype)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_reading_in_parts_works_in_a_forked_child(tmp_path, monkeypatch):
+    """A process forked after loading (a data worker) reads with threads of its own: the parent's
+    reading threads do not exist in the child, whose reads waited on them for ever before."""
+    import time
+    import warnings
+
+    from blip2_jax.weights import safetensors_io
+    monkeypatch.setattr(safetensors_io, "_READ_PART", 4096)
+    w = np.arange(64 * 256, dtype=np.float32).reshape(64, 256)
+    save_state_dict({"w": w}, str(tmp_path))
+    sd = LazyStateDict([str(tmp_path / "model.safetensors")])
+    np.testing.assert_array_equal(placement.host_copy(sd["w"], np.float32), w)  # the parent's threads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: what is tested
+        pid = os.fork()
+    if pid == 0:
+        try:
+            ok = bool((placement.host_copy(sd["w"], np.float32) == w).all())
+        finally:
+            os._exit(0 if ok else 3)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's read did not finish in 60 s")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Peak host memory
 # ----------------------------------------------------------------------------------------------

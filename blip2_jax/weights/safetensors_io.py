@@ -209,14 +209,15 @@ def read_span(fm: FileMap, offset: int, out: np.ndarray) -> None:
     if len(parts) == 1:
         _read_part(fm, offset, view)
     else:
-        list(_readers().map(lambda p: _read_part(fm, offset + p[0], view[p[0]:p[1]]), parts))
+        list(_readers(os.getpid()).map(lambda p: _read_part(fm, offset + p[0], view[p[0]:p[1]]), parts))
 
 
 _READ_PART = 16 << 20
 
 
 @functools.cache
-def _readers() -> concurrent.futures.ThreadPoolExecutor:
+def _readers(pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The reading threads of process `pid` (a forked child makes its own: threads do not fork)."""
     return concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="safetensors-read")
 
 
