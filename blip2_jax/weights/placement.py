@@ -306,8 +306,11 @@ def _full(index: slice, n: int) -> slice:
 
 def _copy_releasing(out: np.ndarray, src: np.ndarray, release: Release, block_bytes: int = 4 << 20) -> None:
     """out[...] = src; a C-contiguous source is copied in blocks of rows, each block's pages
-    released once copied (so one large tensor's file pages are never all resident at once)."""
-    if src.ndim == 0 or not src.flags.c_contiguous:
+    released once copied (so one large tensor's file pages are never all resident at once). A
+    view read from its file (`_read_file`) maps no pages: it is read whole, in `read_span`'s
+    parallel parts."""
+    readable = safetensors_io.can_read_spans and safetensors_io.file_span(src) is not None
+    if src.ndim == 0 or not src.flags.c_contiguous or readable:
         copy_into(out, src)
         return
     step = max(1, block_bytes // max(1, src[:1].nbytes))
