@@ -155,32 +155,49 @@ def abstract(tree: Mapping, mode: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ on the host
-def host_scale(kernel: np.ndarray, qtype, release=lambda arrays: None) -> np.ndarray:
+def host_scale(kernel: np.ndarray, qtype, release=lambda arrays: None, read=None) -> np.ndarray:
     """Per-output-channel scales of a kernel view [out, in] -> float32 [out, 1], exactly as
-    `qwix.quantize` computes them from the float32 values (read in blocks of rows, each block's
-    file pages handed to `release` once read)."""
+    `qwix.quantize` computes them from the float32 values. Read in blocks of rows: `read(view)`
+    gives a block's own float32 copy (`placement` reads file views with `pread`), then the
+    view's file pages go to `release`."""
+    read = read or _copy_f32
     absmax = np.empty((kernel.shape[0], 1), np.float32)
-    for j in range(0, kernel.shape[0], _BLOCK):
-        absmax[j:j + _BLOCK, 0] = np.abs(np.asarray(kernel[j:j + _BLOCK], np.float32)).max(axis=1)
-        release([kernel[j:j + _BLOCK]])
+    step = block_rows(kernel.shape[-1])
+    for j in range(0, kernel.shape[0], step):
+        block = read(kernel[j:j + step])
+        release([kernel[j:j + step]])
+        absmax[j:j + step, 0] = np.abs(block, out=block).max(axis=1)
     scale, _ = _qwix_scale({"absmax": jax.device_put(absmax, jax.devices("cpu")[0])}, qtype)  # Qwix's own
     return np.asarray(scale)
 
 
 def host_quantize(kernel: np.ndarray, scale: np.ndarray, qtype, out: np.ndarray,
-                  release=lambda arrays: None) -> None:
+                  release=lambda arrays: None, read=None) -> None:
     """out [out, in] = Qwix's quantization of a kernel view [out, in] with `scale` [out, 1], a
-    block of output channels at a time (on the host's CPU device, so a block's float32 copy is
-    the only temporary; each block's file pages handed to `release` once read)."""
+    block of output channels at a time (on the host's CPU device), each block a copy of its own
+    (`read`, as in `host_scale`): the CPU device may alias a host array, so it is never handed a
+    view of the file, whose pages would then come back after `release`."""
+    read = read or _copy_f32
     cpu = jax.devices("cpu")[0]
-    for j in range(0, kernel.shape[0], _BLOCK):
-        block = np.ascontiguousarray(np.asarray(kernel[j:j + _BLOCK], np.float32))
-        release([kernel[j:j + _BLOCK]])
-        q = _qwix_quantize(jax.device_put(block, cpu), jax.device_put(scale[j:j + _BLOCK], cpu), qtype)
-        out[j:j + _BLOCK] = np.asarray(q)
+    step = block_rows(kernel.shape[-1])
+    for j in range(0, kernel.shape[0], step):
+        block = read(kernel[j:j + step])
+        release([kernel[j:j + step]])
+        q = _qwix_quantize(jax.device_put(block, cpu), jax.device_put(scale[j:j + step], cpu), qtype)
+        out[j:j + step] = np.asarray(q)
+        del q, block
 
 
-_BLOCK = 256
+def block_rows(d_in: int) -> int:
+    """Rows of a kernel quantized at once: about 2 MiB of float32 (a fixed, small transient)."""
+    return max(1, _BLOCK_BYTES // (4 * d_in))
+
+
+def _copy_f32(view: np.ndarray) -> np.ndarray:
+    return np.array(view, np.float32, order="C")
+
+
+_BLOCK_BYTES = 2 << 20
 _qwix_quantize = jax.jit(lambda w, scale, qtype: qwix._src.core.qarray.quantize_with_scale_zero_point(  # noqa: SLF001
     w, qtype, scale, None).qvalue, static_argnums=2)
 _qwix_scale = jax.jit(qwix._src.core.qarray.compute_scale_zero_point, static_argnums=1)  # noqa: SLF001

@@ -166,8 +166,12 @@ MEASURE = """
     from blip2_jax.models.blip2 import Blip2
     from blip2_jax.weights import hf
 
-    def hwm_mib():
-        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+    def status_mib(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    def start_measuring():  # the peak so far (compiling, reading headers) -> now; returns now's RSS
+        open("/proc/self/clear_refs", "w").write("5")
+        return status_mib("VmRSS")
 
     directory, dtype, scan = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     jax.devices()
@@ -177,12 +181,12 @@ MEASURE = """
     mesh = sharding.single_device_mesh()
     with sharding.use(mesh):
         shardings = sharding.param_shardings(build.abstract_params(model, ckpt.config), mesh)
-    before = hwm_mib()
+    before = start_measuring()
     start = time.perf_counter()
     params = jax.block_until_ready(ckpt.place(shardings, dt))
     seconds = time.perf_counter() - start
     weights = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20
-    print(json.dumps({"before": before, "peak": hwm_mib(), "weights": weights, "seconds": seconds}))
+    print(json.dumps({"before": before, "peak": status_mib("VmHWM"), "weights": weights, "seconds": seconds}))
 """
 
 
@@ -276,8 +280,12 @@ TRAINER_MEASURE = """
     from blip2_jax.weights import hf, init
     from tests.test_placement import trainer_init_config
 
-    def hwm_mib():
-        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+    def status_mib(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    def start_measuring():  # the peak so far (compiling, reading headers) -> now; returns now's RSS
+        open("/proc/self/clear_refs", "w").write("5")
+        return status_mib("VmRSS")
 
     directory = sys.argv[1]
     jax.devices()
@@ -287,11 +295,11 @@ TRAINER_MEASURE = """
     mesh = sharding.single_device_mesh()
     with sharding.use(mesh):
         build.abstract_params(model, cfg)  # tracing the model's shapes (~30 MB, freed): not weights
-        before = hwm_mib()
+        before = start_measuring()
         params = jax.block_until_ready(init.init_params(model, cfg, config, mesh, frozen_cast=True))
     trainable, frozen = train_state.split_and_cast(params, config)
     weights = sum(x.nbytes for x in jax.tree.leaves((trainable, frozen))) / 2**20
-    print(json.dumps({"before": before, "peak": hwm_mib(), "weights": weights}))
+    print(json.dumps({"before": before, "peak": status_mib("VmHWM"), "weights": weights}))
 """
 
 

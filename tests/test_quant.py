@@ -202,8 +202,8 @@ MEASURE = """
 
     serving.return_large_frees()  # as CPU serving does: freed transient buffers leave the process
 
-    def hwm_mib():
-        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+    def status_mib(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
     directory, mode, scan = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     jax.devices()
@@ -224,12 +224,13 @@ MEASURE = """
         if quant.is_quantized(q):
             w = np.ones(q.qvalue.shape[-2:], np.float32)
             quant.host_quantize(w, quant.host_scale(w, qtype), qtype, np.empty(w.shape, np.int8))
-    before = hwm_mib()
+    open("/proc/self/clear_refs", "w").write("5")  # the peak so far (compiling, reading headers) -> now
+    before = status_mib("VmRSS")
     start = time.perf_counter()
     params = jax.block_until_ready(ckpt.place(shardings, dt, mode))
     seconds = time.perf_counter() - start
     weights = quant.tree_bytes(params) / 2**20
-    print(json.dumps({"before": before, "peak": hwm_mib(), "weights": weights, "seconds": seconds}))
+    print(json.dumps({"before": before, "peak": status_mib("VmHWM"), "weights": weights, "seconds": seconds}))
 """
 
 

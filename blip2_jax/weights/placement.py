@@ -266,7 +266,7 @@ def place_quantized(leaf, sh, qtype, release: Release):
     else:
         scales = []
         for k in kernels:  # one pass over each layer for its scales, its pages released after it
-            scales.append(quant.host_scale(k, qtype, release))
+            scales.append(quant.host_scale(k, qtype, release, _f32))
     lead = () if layers is None else (len(kernels),)
     d_out = scales[0].shape[0]
     d_in = kernels[0].shape[-1]
@@ -276,10 +276,10 @@ def place_quantized(leaf, sh, qtype, release: Release):
         if stored:
             copy_into(out, np.asarray(k[rows, cols]))
         elif cols == slice(0, d_in):
-            quant.host_quantize(k[rows], scale[rows], qtype, out, release)
+            quant.host_quantize(k[rows], scale[rows], qtype, out, release, _f32)
         else:  # the input axis is split too: quantize whole channels, keep this shard's inputs
             full = np.empty((rows.stop - rows.start, d_in), host_dtype)
-            quant.host_quantize(k[rows], scale[rows], qtype, full, release)
+            quant.host_quantize(k[rows], scale[rows], qtype, full, release, _f32)
             out[...] = full[:, cols]
         release([k])
 
@@ -296,6 +296,11 @@ def place_quantized(leaf, sh, qtype, release: Release):
     qvalue = jax.make_array_from_callback(lead + (d_out, d_in), sh.qvalue, qvalue_shard)
     scale = jax.make_array_from_callback(scale_all.shape, sh.scale, lambda index: np.ascontiguousarray(scale_all[index]))
     return qwix.QArray(qvalue, scale, None, qtype)
+
+
+def _f32(view: np.ndarray) -> np.ndarray:
+    """A float32 copy of a kernel block (`pread` from its file when it is a file view)."""
+    return host_copy(view, np.float32)
 
 
 def _full(index: slice, n: int) -> slice:
