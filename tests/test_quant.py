@@ -47,6 +47,31 @@ def test_host_quantization_equals_qwix(mode, stored):
     assert np.all(err <= step * 0.501)  # round to nearest (the top value clipped by half a step)
 
 
+def test_many_row_products_dequantize_each_kernel_when_its_input_exists():
+    """A stack of int8 products with many rows (an image side, a prefill): each kernel is
+    dequantized only when its input exists, so the program's temporaries hold about one
+    dequantized kernel, not all of them (XLA on CPU had dequantized every kernel up front)."""
+    rng = np.random.default_rng(0)
+    n, d = 12, 512
+    kernels = [quant.quantize_kernel(jnp.asarray(rng.standard_normal((d, d)) * 2 / d ** 0.5, jnp.float32),
+                                     jnp.int8) for _ in range(n)]
+    x = jnp.asarray(rng.standard_normal((64, d)), jnp.float32)
+
+    def stack(x, kernels):
+        for k in kernels:
+            x = jax.nn.relu(quant.dense(x, k, jnp.float32, jax.lax.Precision.HIGHEST))
+        return x
+
+    compiled = jax.jit(stack).lower(x, kernels).compile()
+    one = d * d * 4  # one kernel dequantized to float32
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 3 * one, (temp, n * one)
+    want = x
+    for k in kernels:
+        want = jax.nn.relu(jnp.dot(want, qwix.dequantize(k).T, precision=jax.lax.Precision.HIGHEST))
+    np.testing.assert_allclose(np.asarray(compiled(x, kernels)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("shape", [(96, 128), (40, 24)])
 def test_streaming_dot_equals_qwix_dot(rows, shape):
