@@ -214,7 +214,8 @@ def dense(x: jax.Array, kernel: qwix.QArray, dtype, precision=None) -> jax.Array
     dequantization into the matmul on TPU/GPU). The kernel passes an optimization barrier with x,
     so that it is dequantized only once x exists: on CPU, XLA otherwise dequantized every kernel
     of the program first, all at once (a full-size caption held the int8 and the bfloat16
-    weights: 9.3 GiB for 3.9 GiB of int8 weights). A few rows on CPU (decoding): `streaming_dot`."""
+    weights: 9.3 GiB for 3.9 GiB of int8 weights). One row on CPU (int8; int4 up to 4, see
+    `streaming.applies`): `streaming_dot`."""
     rows = int(np.prod(x.shape[:-1]))
     if kernel.qvalue.ndim == 2 and streaming_lib.applies(rows, kernel.qvalue.dtype):
         return streaming_dot(x, kernel).astype(dtype)

@@ -25,6 +25,18 @@ def test_streaming_dot_equals_the_plain_product(rows, shape, dtype):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
 
 
+def test_which_quantized_products_stream():
+    """int8 streams one row (from 2, Qwix's dequantize-then-dot is faster); int4, whose
+    unpacking slows Qwix's dot, streams up to 4 rows; float32 weights never stream."""
+    import ml_dtypes
+    with streaming.streaming(True):
+        assert streaming.applies(1, jnp.int8) and not streaming.applies(2, jnp.int8)
+        assert streaming.applies(4, ml_dtypes.int4) and not streaming.applies(5, ml_dtypes.int4)
+        assert streaming.applies(1, jnp.bfloat16) and not streaming.applies(1, jnp.float32)
+    with streaming.streaming(False):
+        assert not streaming.applies(1, jnp.int8)
+
+
 def test_dense_streams_one_bfloat16_row_on_cpu_only_when_asked():
     """layers.linear takes the loop for one row against a bfloat16 [out, in] kernel (CPU
     default), the plain dot for 2+ rows, float32 weights, [in, out] kernels, or streaming off;
