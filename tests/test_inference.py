@@ -215,11 +215,11 @@ def test_cpu_serving_gives_the_heap_back_after_each_compilation():
     import textwrap
 
     code = textwrap.dedent("""
-        import sys
+        import os, sys
         import jax, jax.numpy as jnp, numpy as np
         from blip2_jax import serving
         def rss_mib():
-            return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+            return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         if sys.argv[1] == "1":
             serving.return_large_frees()
         blocks = [np.ones(100 << 10, np.uint8) for _ in range(2048)]  # 200 MiB of 100 KiB heap blocks
