@@ -158,13 +158,8 @@ def test_reading_in_parts_works_in_a_forked_child(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Peak host memory
 # ----------------------------------------------------------------------------------------------
-MEASURE = """
-    import json, re, sys, time
-    import jax
-    from blip2_jax import sharding
-    from blip2_jax.models import build
-    from blip2_jax.models.blip2 import Blip2
-    from blip2_jax.weights import hf
+MEASURING = """
+    import re
 
     def status_mib(key):
         return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
@@ -172,6 +167,15 @@ MEASURE = """
     def start_measuring():  # the peak so far (compiling, reading headers) -> now; returns now's RSS
         open("/proc/self/clear_refs", "w").write("5")
         return status_mib("VmRSS")
+"""  # the start of each memory-measuring script below (and tests/test_quant.py's)
+
+MEASURE = MEASURING + """
+    import json, sys, time
+    import jax
+    from blip2_jax import sharding
+    from blip2_jax.models import build
+    from blip2_jax.models.blip2 import Blip2
+    from blip2_jax.weights import hf
 
     directory, dtype, scan = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     jax.devices()
@@ -271,21 +275,14 @@ def test_trainer_init_places_frozen_towers_in_their_final_dtype(tmp_path, stored
     assert {np.dtype(x.dtype).name for p, x in frozen.items() if p[-1] == "kernel"} == {"bfloat16"}
 
 
-TRAINER_MEASURE = """
-    import json, re, sys
+TRAINER_MEASURE = MEASURING + """
+    import json, sys
     import jax
     from blip2_jax import sharding, train_state
     from blip2_jax.models import build
     from blip2_jax.models.blip2 import Blip2
     from blip2_jax.weights import hf, init
     from tests.test_placement import trainer_init_config
-
-    def status_mib(key):
-        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
-
-    def start_measuring():  # the peak so far (compiling, reading headers) -> now; returns now's RSS
-        open("/proc/self/clear_refs", "w").write("5")
-        return status_mib("VmRSS")
 
     directory = sys.argv[1]
     jax.devices()

@@ -17,6 +17,7 @@ from blip2_jax import quant, serving, sharding
 from blip2_jax.models import streaming
 from blip2_jax.weights import hf, placement
 from blip2_jax.weights.safetensors_io import LazyStateDict, WeightsError, save_state_dict
+from tests import test_placement as placement_tests
 from tests.conftest import GOLDEN
 
 CASES = ("blip2_opt", "blip2_t5")
@@ -219,8 +220,8 @@ def test_int4_checkpoint_stores_one_value_per_byte(tmp_path):
 
 
 # ------------------------------------------------------------------------------ memory
-MEASURE = """
-    import json, re, sys, time
+MEASURE = placement_tests.MEASURING + """
+    import json, sys, time
     import jax
     from blip2_jax import quant, serving, sharding
     from blip2_jax.models import build
@@ -228,9 +229,6 @@ MEASURE = """
     from blip2_jax.weights import hf
 
     serving.return_large_frees()  # as CPU serving does: freed transient buffers leave the process
-
-    def status_mib(key):
-        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
     directory, mode, scan = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     jax.devices()
@@ -251,8 +249,7 @@ MEASURE = """
         if quant.is_quantized(q):
             w = np.ones(q.qvalue.shape[-2:], np.float32)
             quant.host_quantize(w, quant.host_scale(w, qtype), qtype, np.empty(w.shape, np.int8))
-    open("/proc/self/clear_refs", "w").write("5")  # the peak so far (compiling, reading headers) -> now
-    before = status_mib("VmRSS")
+    before = start_measuring()
     start = time.perf_counter()
     params = jax.block_until_ready(ckpt.place(shardings, dt, mode))
     seconds = time.perf_counter() - start
