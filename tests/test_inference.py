@@ -146,32 +146,33 @@ def test_sharded_model_gives_the_reference_tokens(scan_layers):
 def test_bfloat16_towers():
     model = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16")
     p = model.params
-    # on CPU the layers are unrolled by default: one set of weights per layer, no stacked axis
-    assert "layers" not in p["language_model"] and "layers" not in p["vision_model"]
-    assert p["vision_model"]["layers_0"]["fc1"]["kernel"].dtype == jnp.bfloat16
-    assert p["language_model"]["layers_1"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    # an OPT model is scanned by default on CPU too: each stack is read in place when decoding
+    assert "layers" in p["language_model"] and "layers" in p["vision_model"]
+    assert p["vision_model"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert p["language_model"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
     assert p["qformer"]["query_tokens"].dtype == jnp.float32  # the Q-Former stays float32
     ids = model.generate_ids([np.zeros((32, 32, 3), np.uint8)], None, max_new_tokens=3)
     assert len(ids) == 1 and 1 <= len(ids[0]) <= 3
 
 
-def test_cpu_serving_lays_wide_kernels_out_in_bands(monkeypatch):
+@pytest.mark.parametrize("scan", [True, False])
+def test_cpu_serving_lays_wide_kernels_out_in_bands(monkeypatch, scan):
     """On one CPU device, the language model's kernels whose inputs decoding reads in blocks are
-    placed as their input bands (streaming.Banded; forced here on the tiny model by lowering the
-    block limit); the greedy tokens equal those of the plain layout."""
-    from blip2_jax import serving
+    placed as their input bands (streaming.Banded, each layer's when stacked; forced here on the
+    tiny model by lowering the block limit); the greedy tokens equal those of the plain layout,
+    scanned and unrolled alike."""
     from blip2_jax.models import streaming
     image = [np.full((32, 32, 3), 90, np.uint8)]
-    plain = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16")
+    plain = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16", scan_layers=scan)
     monkeypatch.setattr(streaming, "VECTOR_BYTES", 64)
-    banded = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16")
-    lm = banded.params["language_model"]["layers_0"]
+    banded = blip2_jax.load(GOLDEN / "blip2_opt", dtype="bfloat16", scan_layers=scan)
+    at = (lambda t: t["layers"]) if scan else (lambda t: t["layers_0"])
+    lm = at(banded.params["language_model"])
     assert isinstance(lm["fc2"]["kernel"], streaming.Banded)
     assert isinstance(lm["self_attn"]["q_proj"]["kernel"], streaming.Banded)
-    assert lm["fc2"]["kernel"].shape == plain.params["language_model"]["layers_0"]["fc2"]["kernel"].shape
-    assert not isinstance(banded.params["vision_model"]["layers_0"]["fc2"]["kernel"], streaming.Banded)
+    assert lm["fc2"]["kernel"].shape == at(plain.params["language_model"])["fc2"]["kernel"].shape
+    assert not isinstance(at(banded.params["vision_model"])["fc2"]["kernel"], streaming.Banded)
     assert banded.generate_ids(image, None, max_new_tokens=4) == plain.generate_ids(image, None, max_new_tokens=4)
-    assert serving._band_rule(banded.predictor.mesh, scan=True) is None
 
 
 def test_cpu_serving_gives_large_freed_buffers_back(monkeypatch):

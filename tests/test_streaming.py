@@ -1,4 +1,5 @@
 """models/streaming.py: the few-row CPU product that streams [out, in] weights."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +79,70 @@ def test_banded_weights_give_the_plain_product(rows):
         got = streaming.banded_linear(x, banded, jnp.float32)
     assert ("banded_dot" in hlo) == (rows == 1)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+# ------------------------------------------------------------------------------ scanned layers
+def _stack(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_layer_read_in_its_stack_equals_that_layers_product(rows):
+    """`LayerOf(stack, i)` (bfloat16, bfloat16 in input bands, int8) gives x @ stack[i].T, for one
+    streamed row and for more rows (`stacked_dot`), with several chunks of channels."""
+    from blip2_jax import quant
+    rng = np.random.default_rng(1)
+    stack = _stack(rng, (3, 1200, 640), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((rows, 640)), jnp.bfloat16)
+    nb = 2
+    banded = streaming.Banded(jnp.stack([stack[:, :, b * 320:(b + 1) * 320] for b in range(nb)], axis=1))
+    q = quant.quantize_kernel(stack, jnp.int8)
+    with streaming.streaming(True):
+        for i in range(3):
+            want = np.asarray(x, np.float64) @ np.asarray(stack[i], np.float64).T
+            at = jnp.int32(i)
+            for kernel in (stack, banded):
+                got = jax.jit(lambda a, k, j: layers.layer_linear(a, streaming.LayerOf(k, j), jnp.float32))(x, kernel, at)
+                np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+            got = jax.jit(lambda a, k, j: layers.layer_linear(a, streaming.LayerOf(k, j), jnp.float32))(x, q, at)
+            deq = np.asarray(q.qvalue[i], np.float64) * np.asarray(q.scale[i], np.float64)
+            want_q = np.asarray(x, np.float64) @ deq.T
+            np.testing.assert_allclose(np.asarray(got), want_q, rtol=1e-4, atol=1e-3 * np.abs(want_q).max())
+
+
+def test_scanned_decoding_reads_each_layer_in_its_stack():
+    """A cached OPT step with scanned bfloat16 layers on CPU loops over the layer index, each
+    kernel read in place: the logits and cache of `nn.scan` (which copies every layer's slice),
+    those of the unrolled layers to bfloat16's rounding, and less scratch memory than one
+    layer's kernels."""
+    from blip2_jax.models import opt
+    from blip2_jax.models.configs import OPTConfig
+    cfg = OPTConfig(vocab_size=96, hidden_size=256, word_embed_proj_dim=256, num_hidden_layers=3,
+                    num_attention_heads=4, ffn_dim=1024, max_position_embeddings=32, dropout=0.0)
+    bf = jnp.bfloat16
+    scanned = opt.OPTForCausalLM(cfg, dtype=bf, param_dtype=bf, scan_layers=True)
+    unrolled = opt.OPTForCausalLM(cfg, dtype=bf, param_dtype=bf, scan_layers=False)
+    emb = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 256)), bf)
+    mask, pos = jnp.ones((1, 8), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+    params = nn.unbox(scanned.init(jax.random.key(0), emb, mask[:, :1], pos))["params"]
+    flat = {f"layers_{i}": jax.tree.map(lambda a: a[i], params["layers"]) for i in range(3)}
+    params_unrolled = {**{k: v for k, v in params.items() if k != "layers"}, **flat}
+    cache = opt.init_cache(cfg, 1, 8, bf)
+
+    def step(model):
+        return jax.jit(lambda p, c: model.apply({"params": p}, emb, mask, pos, cache=c, cache_index=jnp.int32(0)))
+
+    with streaming.streaming(True):
+        fn = step(scanned)
+        got, new_cache = fn(params, cache)
+        want, want_cache = step(unrolled)(params_unrolled, cache)
+        scratch = fn.lower(params, cache).compile().memory_analysis().temp_size_in_bytes
+    with streaming.streaming(False):
+        sliced, sliced_cache = step(scanned)(params, cache)
+    # the loop computes what nn.scan computes; unrolled layers round bfloat16 in other places
+    np.testing.assert_allclose(np.asarray(got), np.asarray(sliced), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new_cache["k"], np.float32), np.asarray(sliced_cache["k"], np.float32))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=0.01 * np.abs(np.asarray(want)).max())
+    layer_kernels = sum(a[0].nbytes for path, a in jax.tree_util.tree_leaves_with_path(params["layers"])
+                        if path[-1].key == "kernel")
+    assert scratch < layer_kernels / 2, (scratch, layer_kernels)

@@ -97,6 +97,29 @@ def linear(x: Array, kernel: Array, dtype: Dtype, transposed: bool = False,
     return y.astype(out_dtype)
 
 
+def layer_linear(x: Array, kernel: streaming.LayerOf, dtype: Dtype, precision=None) -> Array:
+    """x [..., in] times layer `kernel.index` of a stacked [L, out, in] kernel (float, `Banded` or
+    quantized), the layer read in place (`models/streaming.py`) -> [..., out] in `dtype`."""
+    stack, rows = kernel.stack, math.prod(x.shape[:-1])
+    if quant.is_quantized(stack):
+        if streaming.applies(rows, stack.qvalue.dtype):
+            return streaming.streaming_dot(x.astype(dtype), stack.qvalue, stack.scale, layer=kernel.index).astype(dtype)
+        one = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, kernel.index, keepdims=False), stack)
+        return quant.dense(x, one, dtype, precision)
+    return streaming.layer_linear(x, kernel, dtype, precision).astype(dtype)
+
+
+def layer_params(stacked: dict, index: Array) -> dict:
+    """A scanned layer's params from the stacked tree: kernels as `streaming.LayerOf` their
+    stack (read in place), every other leaf (biases, norms) sliced."""
+    def one(path, leaf):
+        if getattr(path[-1], "key", None) == "kernel":
+            return streaming.LayerOf(leaf, index)
+        return jax.lax.dynamic_index_in_dim(leaf, index, keepdims=False)
+    stop = lambda x: quant.is_quantized(x) or isinstance(x, streaming.Banded)
+    return jax.tree_util.tree_map_with_path(one, stacked, is_leaf=stop)
+
+
 class CheapParams:
     """`param` without flax's shape check by `jax.eval_shape` of the initialiser, which runs for
     every existing parameter on every trace (about 1 ms each: ~2 s of a full-size model's first
@@ -142,7 +165,9 @@ class Dense(CheapParams, nn.Module):
     @nn.compact
     def __call__(self, x):
         stored = self.get_variable("params", "kernel")
-        if quant.is_quantized(stored):  # a frozen tower's int8/int4 kernel (blip2_jax/quant.py)
+        if isinstance(stored, streaming.LayerOf):  # a scanned layer's kernel, read in its stack
+            y = layer_linear(x, stored, self.dtype, precision(self.dtype))
+        elif quant.is_quantized(stored):  # a frozen tower's int8/int4 kernel (blip2_jax/quant.py)
             y = quant.dense(x, stored, self.dtype, precision(self.dtype))
         elif isinstance(stored, streaming.Banded):  # a CPU-served kernel in input bands
             y = linear(x, stored, self.dtype, transposed=True)

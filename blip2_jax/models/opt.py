@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.models import kv_cache, layers
+from blip2_jax.models import kv_cache, layers, streaming
 from blip2_jax.models.layers import remat
 from blip2_jax.models.configs import OPTConfig
 from blip2_jax.sharding import constrain
@@ -199,7 +199,9 @@ class OPTForCausalLM(nn.Module):
         x = constrain(x, ACT)
 
         carry = (x, cache, jnp.int32(0))
-        if self.scan_layers:
+        if self.scan_layers and cache is not None and streaming.enabled() and not self.is_initializing():
+            carry = self._layers_in_place(carry, mask, cache_index)
+        elif self.scan_layers:
             carry, _ = self.layers(carry, mask, cache_index, deterministic)
         else:
             for layer in self.layers:
@@ -211,6 +213,21 @@ class OPTForCausalLM(nn.Module):
         if cfg.word_embed_proj_dim != cfg.hidden_size:
             x = self.project_out(x)
         return x, new_cache
+
+    def _layers_in_place(self, carry: tuple, mask: Array, cache_index) -> tuple:
+        """The scanned layers when decoding on CPU: a loop over the layer index in which each
+        kernel is `streaming.LayerOf` its stack, read in place (`nn.scan` hands every layer a
+        slice of each stack, which XLA's CPU backend copies before using it)."""
+        stacked = nn.meta.unbox(self.variables["params"]["layers"])
+        block = OPTDecoderLayer(self.config, self.dtype, self.param_dtype, parent=None)
+
+        def body(i, carry):
+            x, cache, _ = carry
+            params = layers.layer_params(stacked, i)
+            (x, cache, _), _ = block.apply({"params": params}, (x, cache, i), mask, cache_index, True)
+            return x, cache, i + 1
+
+        return jax.lax.fori_loop(0, self.config.num_hidden_layers, body, carry)
 
     def logits(self, hidden: Array) -> Array:
         """LM head: [..., Dw] -> float32 [..., V] (tied to embed_tokens unless configured not to)."""

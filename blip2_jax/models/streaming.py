@@ -19,15 +19,20 @@ bands that way, at about half the rate of the others. Serving on one CPU device 
 language-model kernels as their input bands, each contiguous (`Banded`, laid out while the
 weights are placed: `band_count`), and `banded_dot` streams each band as a whole matrix.
 
-The chunk loop needs the weight as an operand of its own (a layer scanned by `nn.scan` is
-copied out of the stack first), which is one reason CPU inference unrolls the layers.
+Scanned layers: a slice of a stacked weight handed to a loop is copied first (XLA's CPU
+backend materialises every loop operand), so a decoding layer loop passes each layer's kernel
+as `LayerOf(stack, index)` and the products cut their chunks straight out of the stack
+(`streaming_dot(..., layer=)`, `banded_dot(..., layer=)`); with more rows than streaming takes,
+`stacked_dot` runs XLA's dot on larger chunks of the stack, again without a copy of the layer.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,13 +59,17 @@ def streaming(enabled: bool | None):
         _ENABLED.reset(token)
 
 
+def enabled() -> bool:
+    """Whether streaming is on (`streaming(...)`; by default on the CPU backend)."""
+    on = _ENABLED.get()
+    return jax.default_backend() == "cpu" if on is None else on
+
+
 def applies(rows: int, weight_dtype) -> bool:
     """Whether a product of `rows` rows with a weight of `weight_dtype` streams (float32
     weights never need to: XLA's float32 matrix-vector product reads them as they are)."""
-    on = _ENABLED.get()
-    on = jax.default_backend() == "cpu" if on is None else on
     dt = np.dtype(weight_dtype)
-    if not on or dt == np.float32:
+    if not enabled() or dt == np.float32:
         return False
     if jnp.issubdtype(dt, jnp.floating):
         return rows <= FLOAT_ROWS
@@ -88,12 +97,26 @@ def _over_chunks(product, rows: int, out: int, chunk: int) -> jax.Array:
     return y
 
 
+def _rows_of(w: jax.Array, layer, start, count: int, cols: tuple[int, int] | None = None) -> jax.Array:
+    """Output channels [start, start + count) of w [out, in], or of layer `layer` of a stack
+    w [L, out, in] (a slice of the stack, never a copy of the layer); `cols`: (first, number)
+    of the inputs only."""
+    c0, nc = cols if cols is not None else (0, w.shape[-1])
+    if layer is None:
+        return jax.lax.dynamic_slice(w, (start, c0), (count, nc))
+    return jax.lax.dynamic_slice(w, (layer, start, c0), (1, count, nc))[0]
+
+
 @jax.jit
-def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, layer=None) -> jax.Array:
     """x [..., in] @ w.T for w [out, in] (any float or integer dtype), times `scale` [out, 1]
-    per output channel when given (int8 / int4 weights) -> float32 [..., out]. Jitted, so that
-    its loops are traced once per shape, not once per layer (a full-size model's first call)."""
-    out, d_in = w.shape
+    per output channel when given (int8 / int4 weights) -> float32 [..., out]. `layer`: w is a
+    stack [L, out, in] (`scale` [L, out, 1]) and this layer's channels are read from it. Jitted,
+    so that its loops are traced once per shape, not once per layer (a full-size model's first
+    call)."""
+    out, d_in = w.shape[-2:]
+    if layer is not None and scale is not None:
+        scale = jax.lax.dynamic_index_in_dim(scale, layer, keepdims=False)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in).astype(F32)
     rows = x2.shape[0]
@@ -103,7 +126,7 @@ def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) ->
     xb = x2.reshape(rows * nb, ib)  # (row, input block) pairs
 
     def product(start):  # output channels [start, start + chunk) -> [rows, chunk]
-        w_chunk = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=0)
+        w_chunk = _rows_of(w, layer, start, chunk)
         if rows * nb == 1:
             return jnp.dot(x2, w_chunk.astype(F32).T)
 
@@ -121,6 +144,66 @@ def streaming_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) ->
     return y.reshape(lead + (out,))
 
 
+@functools.partial(jax.jit, static_argnames=("dtype", "precision"))
+def stacked_dot(x: jax.Array, w: jax.Array, layer, dtype, precision=None) -> jax.Array:
+    """x [..., in] @ w[layer].T in `dtype` for a stack w [L, out, in], with more rows than
+    streaming takes: XLA's dot over chunks of STACK_CHUNK_BYTES of output channels, each read
+    from the stack in place -> float32 [..., out]."""
+    out, d_in = w.shape[-2:]
+    x2 = x.reshape(-1, d_in).astype(dtype)
+    chunk = min(out, max(64, STACK_CHUNK_BYTES // (d_in * np.dtype(w.dtype).itemsize)))
+
+    def product(start):
+        wk = _rows_of(w, layer, start, chunk).astype(dtype)
+        return jax.lax.dot_general(x2, wk, (((1,), (1,)), ((), ())), precision=precision,
+                                   preferred_element_type=F32)
+
+    return _over_chunks(product, x2.shape[0], out, chunk).reshape(x.shape[:-1] + (out,))
+
+
+STACK_CHUNK_BYTES = 4 << 20  # a stacked product's chunk of weights
+COPY_ROWS = 32  # from this many rows a layer's kernel is copied out of its stack for one product
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerOf:
+    """Layer `index` of a stacked [L, out, in] kernel `stack` (an array, a `Banded` of stacked
+    blocks, or a quantized kernel's stack), not sliced out: its products read it in place."""
+    stack: Any
+    index: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stack.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.stack.dtype
+
+
+def layer_linear(x: jax.Array, w: LayerOf, dtype, precision=None) -> jax.Array:
+    """x [..., in] @ layer `w.index` of a float (or `Banded`) stack, in `dtype`: one row streamed,
+    more rows by `stacked_dot` -> float32 [..., out]. Where the stack's dtype is neither `dtype`
+    nor exactly widened to it, the layer's kernel is cast first (a copy), as an unrolled one is."""
+    s, rows = w.stack, math.prod(x.shape[:-1])
+    if isinstance(s, Banded):
+        if applies(rows, s.dtype):
+            return banded_dot(x.astype(dtype), s.blocks, w.index)
+        blocks = jax.lax.dynamic_index_in_dim(s.blocks, w.index, keepdims=False)
+        return banded_linear(x, Banded(blocks), dtype).astype(F32)
+    if np.dtype(s.dtype) != np.dtype(dtype) and np.dtype(dtype) != np.float32:
+        s = jax.lax.dynamic_index_in_dim(s, w.index, keepdims=True).astype(dtype)
+        w = LayerOf(s, jnp.int32(0))
+    if applies(rows, s.dtype):
+        return streaming_dot(x.astype(dtype), s, layer=w.index)
+    if rows >= COPY_ROWS:  # prefill: one product over a copy of the layer beats chunks of it
+        k = jax.lax.dynamic_index_in_dim(s, w.index, keepdims=False).astype(dtype)
+        return jax.lax.dot_general(x.astype(dtype), k, (((x.ndim - 1,), (1,)), ((), ())),
+                                   precision=precision, preferred_element_type=F32)
+    return stacked_dot(x, s, w.index, np.dtype(dtype), precision)
+
+
 # ------------------------------------------------------------------------------ banded weights
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +213,9 @@ class Banded:
     blocks: jax.Array
 
     @property
-    def shape(self) -> tuple[int, int]:
-        nb, out, ib = self.blocks.shape
-        return out, nb * ib
+    def shape(self) -> tuple[int, ...]:
+        *lead, nb, out, ib = self.blocks.shape
+        return (*lead, out, nb * ib)
 
     @property
     def dtype(self):
@@ -147,16 +230,18 @@ def band_count(shape: tuple[int, ...], dtype) -> int:
 
 
 @jax.jit
-def banded_dot(x: jax.Array, blocks: jax.Array) -> jax.Array:
-    """x [..., in] @ w.T for a `Banded` w's blocks, one row, each band streamed -> float32."""
-    nb, out, ib = blocks.shape
+def banded_dot(x: jax.Array, blocks: jax.Array, layer=None) -> jax.Array:
+    """x [..., in] @ w.T for a `Banded` w's blocks, one row, each band streamed -> float32.
+    `layer`: blocks [L, nb, out, in / nb] of a stack, this layer's read from it."""
+    nb, out, ib = blocks.shape[-3:]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, nb, ib).astype(F32)
     chunk = _chunk_rows(out, ib, blocks.dtype)
 
     def band(b):
         def product(start):
-            wk = jax.lax.dynamic_slice(blocks, (b, start, 0), (1, chunk, ib))[0]
+            at = (b, start, 0) if layer is None else (layer, b, start, 0)
+            wk = jax.lax.dynamic_slice(blocks, at, (1,) * (len(at) - 2) + (chunk, ib)).reshape(chunk, ib)
             return jnp.dot(x2[:, b], wk.astype(F32).T)
         return _over_chunks(product, x2.shape[0], out, chunk)
 
