@@ -78,7 +78,10 @@ def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split(
 out = {"import_s": time.perf_counter() - t_start, "rss_before_load": rss()}
 # pages the process never had: what loading must fill (before loading, so that this 1 GiB is
 # not on top of the weights in the process's peak RSS)
-fresh = np.empty(1 << 30, np.uint8)
+# (4 KiB pages, as loading fills them: placement.small_pages)
+from blip2_jax.weights import placement
+with placement.small_pages():
+    fresh = np.empty(1 << 30, np.uint8)
 t = time.perf_counter(); fresh.fill(1); out["first_touch_bw"] = fresh.nbytes / (time.perf_counter() - t)
 del fresh
 t = time.perf_counter()
@@ -121,15 +124,29 @@ from blip2_jax.models import streaming
 # out in input bands (streaming.Banded) is multiplied band by band in a loop
 plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, streaming.Banded) else x,
                      p.params, is_leaf=lambda x: isinstance(x, streaming.Banded))
+# and with the layers unrolled: XLA counts a scanned layer loop's body once
+def unrolled(tree):
+    out = {}
+    for k, v in tree.items():
+        if k == "layers":
+            n = jax.tree.leaves(v)[0].shape[0]
+            out.update({f"layers_{i}": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), v)
+                        for i in range(n)})
+        else:
+            out[k] = unrolled(v) if isinstance(v, dict) else v
+    return out
+import dataclasses
+flat_model = dataclasses.replace(p.model, scan_layers=False, parent=None)
+plain = unrolled(plain)
 def flops(fn, *args):  # None where the backend has no count before compilation (GPU: the compiled
     cost = jax.jit(fn).lower(*args).cost_analysis()  # one leaves out its cuBLAS products)
     return None if not cost else float(cost.get("flops", 0.0))
 for b in (1, 8):
     pix = jnp.asarray(np.repeat(pix1, b, 0))
-    out[f"b{b}"]["image_flops"] = flops(lambda pr, x: generation.soft_prompts(p.model, pr, x), plain, pix)
+    out[f"b{b}"]["image_flops"] = flops(lambda pr, x: generation.soft_prompts(flat_model, pr, x), plain, pix)
     prompt = p._soft_prompts(p.params, pix)
     ids_a = jnp.zeros((b, length), jnp.int32); mask = jnp.ones((b, length), jnp.int32)
-    out[f"b{b}"]["prefill_flops"] = flops(lambda pr, s, i, m: p.model.apply({"params": pr}, s, i, m, method="lm_logits")[:, -1],
+    out[f"b{b}"]["prefill_flops"] = flops(lambda pr, s, i, m: flat_model.apply({"params": pr}, s, i, m, method="lm_logits")[:, -1],
                                           plain, prompt, ids_a, mask)
 lm = p.params["language_model"]
 leaves = jax.tree.leaves(lm)
