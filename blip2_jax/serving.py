@@ -487,6 +487,7 @@ class Predictor:
         mesh = sharding.single_device_mesh() if mesh is None else mesh
         cfg, _ = hf.read_config(directory)
         scan = default_scan_layers(cfg) if scan_layers is None else bool(scan_layers)
+        scan_vision = default_scan_layers() if scan_layers is None else scan
         try:
             require_tokenizer_files(directory)
         except ValueError as e:
@@ -497,11 +498,11 @@ class Predictor:
         tok_job = pool.submit(load_tokenizer, directory, qformer=cfg.text is None)
         pool.shutdown(wait=False)
         gen_cfg = hf.read_generation_config(directory, cfg)
-        ckpt = hf.read_lazy(directory, scan_layers=scan)  # every tensor checked, none read yet
+        ckpt = hf.read_lazy(directory, scan_layers=scan, vision_scan_layers=scan_vision)  # every tensor checked, none read yet
         cfg = ckpt.config
         mode = ckpt.quantized_mode(quantize)
         quant.check_backend(mode)
-        model = Blip2(cfg, vision_dtype=dt, text_dtype=dt, scan_layers=scan)
+        model = Blip2(cfg, vision_dtype=dt, text_dtype=dt, scan_layers=scan, vision_scan_layers=scan_vision)
         with sharding.use(mesh):
             boxed = build.abstract_params(model, cfg)
             shardings = quant.quantized_shardings(sharding.param_shardings(boxed, mesh), sharding.unbox(boxed), mode)
@@ -602,12 +603,13 @@ def _tokenizer_error(directory: str, e: Exception):
 
 
 def default_scan_layers(cfg=None) -> bool:
-    """Whether inference stacks the towers' layers under one loop (one layer compiled, not each)
-    or keeps one set of weights per layer. Scanned on TPU/GPU, and on CPU for OPT models, whose
-    decoding reads each layer's kernels in place in their stacks (`OPTForCausalLM`; full size:
-    a first caption's compilation 2.2 s instead of 10.8, its programs a fraction of the memory).
-    FlanT5's layers stay unrolled on CPU: scanned, XLA's CPU backend copies every layer's slice
-    of the stacks before its products."""
+    """Whether inference stacks a tower's layers under one loop (one layer compiled, not each)
+    or keeps one set of weights per layer: scanned on TPU/GPU; on CPU, an OPT language model
+    (`cfg`'s) is scanned, as its decoding reads each layer's kernels in place in their stacks
+    (`OPTForCausalLM`: full size, a first caption compiles in ~2 s instead of ~11, its programs
+    a fraction of the memory), and the others are unrolled (`cfg` None: the image tower): XLA's
+    CPU backend copies every scanned layer's slice of the stacks before its products, which cost
+    the full-size image side 20-30 % and would cost FlanT5's decoding more."""
     if jax.default_backend() != "cpu":
         return True
     return cfg is not None and isinstance(getattr(cfg, "text", None), OPTConfig)

@@ -5,7 +5,8 @@
 
 1. Writes (once) a random checkpoint with the released architecture as the release does
    (tools/make_full_checkpoint.py, run by the PyTorch interpreter; cached outside the repository).
-2. Measures this machine's limits in the same run: read bandwidth (a reduction over 1 GiB) and
+2. Measures this machine's limits in the same run: loading's (a bare process reading the files
+   into fresh memory, `FILL`), read bandwidth (a reduction over 1 GiB) and
    the matmul peak in bfloat16 and float32 (a large matmul), in JAX and in PyTorch (the larger
    counts as the machine's); on a CPU also one core's read bandwidth (a decoding step's products
    run one after another on one thread).
@@ -136,7 +137,7 @@ def unrolled(tree):
             out[k] = unrolled(v) if isinstance(v, dict) else v
     return out
 import dataclasses
-flat_model = dataclasses.replace(p.model, scan_layers=False, parent=None)
+flat_model = dataclasses.replace(p.model, scan_layers=False, vision_scan_layers=False, parent=None)
 plain = unrolled(plain)
 def flops(fn, *args):  # None where the backend has no count before compilation (GPU: the compiled
     cost = jax.jit(fn).lower(*args).cost_analysis()  # one leaves out its cuBLAS products)
@@ -426,6 +427,39 @@ def limits(torch_python: str) -> dict:
     return out
 
 
+FILL = r'''
+import json, os, sys, time
+import numpy as np
+from concurrent.futures import ThreadPoolExecutor
+from numpy._core import multiarray
+multiarray._set_madvise_hugepage(False)  # 4 KiB pages, as loading fills them
+def part(fd, view, offset):
+    done = 0
+    while done < len(view):
+        done += os.preadv(fd, [view[done:]], offset + done)
+keep, total, step = [], 0, 16 << 20
+t = time.perf_counter()
+with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+    for path in sys.argv[1:]:
+        fd = os.open(path, os.O_RDONLY)
+        n = os.fstat(fd).st_size
+        buf = np.empty(n, np.uint8)
+        view = memoryview(buf)
+        list(pool.map(lambda o: part(fd, view[o:o + step], o), range(0, n, step)))
+        os.close(fd)
+        keep.append(buf)
+        total += n
+print(json.dumps({"fill_bytes": total, "fill_s": time.perf_counter() - t}))
+'''
+
+
+def run_fill(d: str) -> dict:
+    """Loading's limit on this machine: a bare process reading the checkpoint's files into fresh
+    memory (all of it at once, as loading holds it), with loading's threads and page size."""
+    shards = sorted(str(f) for f in pathlib.Path(d).glob("*.safetensors"))
+    return _child([sys.executable, "-c", FILL, *shards], jax_env(), "the fill limit")
+
+
 def run_ours(d: str, dtype: str, quant: str, cache_dir: str | None = None) -> dict:
     env = jax_env()
     if cache_dir:  # empty caches: a first process
@@ -469,7 +503,11 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
     if "first_touch_bw" in ours:
         rate = ours["weight_bytes"] / ours["load_s"]
         print(f"# loading: {rate / gb:.2f} GB/s into fresh memory, whose first touch runs at "
-              f"{ours['first_touch_bw'] / gb:.2f} GB/s on this machine (same run): {rate / ours['first_touch_bw']:.0%}")
+              f"{ours['first_touch_bw'] / gb:.2f} GB/s for 1 GiB on this machine (same run)")
+    if "fill_s" in lim:
+        print(f"# loading's limit (same run): a bare process reads the {lim['fill_bytes'] / gb:.2f} GB of files into "
+              f"fresh memory in {lim['fill_s']:.1f} s ({lim['fill_bytes'] / lim['fill_s'] / gb:.2f} GB/s); our load "
+              f"{ours['load_s']:.1f} s: {lim['fill_s'] / ours['load_s']:.0%} of that rate")
     rows = [("imports (s)", "import_s"), ("load (s)", "load_s"),
             ("imports + load: a fresh process until the model is ready (s)", "ready_s"),
             ("first caption, compile included (s)", "first_s"), ("next caption (s)", "steady_s")]
@@ -551,6 +589,7 @@ def main():
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({"limits": lim, **figures}, indent=1))
         return
+    lim.update(run_fill(str(d)))
     with tempfile.TemporaryDirectory() as cache_dir:  # an empty compilation cache: compile included
         ours = run_ours(str(d), args.dtype, "none", cache_dir)
         ours["restart"] = run_restart(str(d), args.dtype, cache_dir)
@@ -559,7 +598,7 @@ def main():
     lim_after = limits(args.torch_python)
     lim = {k: max(lim[k], lim_after[k]) for k in ("bandwidth", "peak_bfloat16", "peak_float32", "bandwidth_one_core")
            if k in lim} | {
-        "jax": lim["jax"], "torch": lim["torch"]}
+        "jax": lim["jax"], "torch": lim["torch"], "fill_bytes": lim["fill_bytes"], "fill_s": lim["fill_s"]}
     report(args.config, args.dtype, lim, ours, theirs, extra)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"limits": lim, "ours": ours, "theirs": theirs, **extra}, indent=1))

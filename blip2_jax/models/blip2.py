@@ -36,11 +36,13 @@ class Blip2(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     qformer_lm_head: bool = False  # the ITG head of stage 1 (LAVIS `Qformer.cls`)
+    vision_scan_layers: bool | None = None  # the image tower's own choice (None: scan_layers)
 
     def setup(self):
         c = self.config
+        vision_scan = self.scan_layers if self.vision_scan_layers is None else self.vision_scan_layers
         self.vision_model = VisionTransformer(c.vision, dtype=self.vision_dtype, param_dtype=self.param_dtype,
-                                              scan_layers=self.scan_layers, remat_policy=self.remat_policy)
+                                              scan_layers=vision_scan, remat_policy=self.remat_policy)
         self.qformer = QFormer(c.qformer, num_query_tokens=c.num_query_tokens,
                                image_text_hidden_size=c.image_text_hidden_size,
                                with_lm_head=self.qformer_lm_head and c.qformer.use_qformer_text_input,

@@ -109,9 +109,10 @@ class LazyCheckpoint:
 
 
 def read_lazy(directory: str, *, scan_layers: bool = True, qformer_lm_head: bool = False,
-              limits: Limits | None = None) -> LazyCheckpoint:
+              limits: Limits | None = None, vision_scan_layers: bool | None = None) -> LazyCheckpoint:
     """Validates a transformers-format directory and converts its tensors lazily (see the
-    module docstring). Reads only the tensors that decide whether a head is tied."""
+    module docstring). Reads only the tensors that decide whether a head is tied.
+    `vision_scan_layers`: the image tower's layers stacked or not (None: as `scan_layers`)."""
     directory = os.fspath(directory)
     limits = limits or Limits.from_env()
     cfg, raw = read_config(directory, limits)
@@ -126,7 +127,10 @@ def read_lazy(directory: str, *, scan_layers: bool = True, qformer_lm_head: bool
             sd, cfg, mode, lambda view: lazy_params(view, cfg, qformer_lm_head=qformer_lm_head, where=directory),
             directory)
     sd.release()  # pages the tied-head comparisons read
-    return LazyCheckpoint(directory, cfg, raw, sd, placement.stack_lazily(tree) if scan_layers else tree, mode)
+    vision_scan = scan_layers if vision_scan_layers is None else vision_scan_layers
+    stacked = {k: placement.stack_lazily(v) if (vision_scan if k == "vision_model" else scan_layers)
+               and isinstance(v, dict) else v for k, v in tree.items()}
+    return LazyCheckpoint(directory, cfg, raw, sd, stacked, mode)
 
 
 def lazy_params(sd: Mapping[str, np.ndarray], cfg: Blip2Config, *, qformer_lm_head: bool = False,
