@@ -606,10 +606,10 @@ def default_scan_layers(cfg=None) -> bool:
     """Whether inference stacks a tower's layers under one loop (one layer compiled, not each)
     or keeps one set of weights per layer: scanned on TPU/GPU; on CPU, an OPT language model
     (`cfg`'s) is scanned, as its decoding reads each layer's kernels in place in their stacks
-    (`OPTForCausalLM`: full size, a first caption compiles in ~2 s instead of ~11, its programs
+    (`OPTForCausalLM`: full size, a first caption compiles in ~3 s instead of ~11, its programs
     a fraction of the memory), and the others are unrolled (`cfg` None: the image tower): XLA's
     CPU backend copies every scanned layer's slice of the stacks before its products, which cost
-    the full-size image side 20-30 % and would cost FlanT5's decoding more."""
+    the full-size image side ~10 % and would cost FlanT5's decoding far more."""
     if jax.default_backend() != "cpu":
         return True
     return cfg is not None and isinstance(getattr(cfg, "text", None), OPTConfig)

@@ -22,8 +22,9 @@ weights are placed: `band_count`), and `banded_dot` streams each band as a whole
 Scanned layers: a slice of a stacked weight handed to a loop is copied first (XLA's CPU
 backend materialises every loop operand), so a decoding layer loop passes each layer's kernel
 as `LayerOf(stack, index)` and the products cut their chunks straight out of the stack
-(`streaming_dot(..., layer=)`, `banded_dot(..., layer=)`); with more rows than streaming takes,
-`stacked_dot` runs XLA's dot on larger chunks of the stack, again without a copy of the layer.
+(`streaming_dot(..., layer=)`, `banded_dot(..., layer=)`); with a few more rows than streaming
+takes, `stacked_dot` runs XLA's dot on larger chunks of the stack; from COPY_ROWS rows (prefill)
+the layer's kernel is copied for one product, which is faster there.
 """
 from __future__ import annotations
 
@@ -97,14 +98,12 @@ def _over_chunks(product, rows: int, out: int, chunk: int) -> jax.Array:
     return y
 
 
-def _rows_of(w: jax.Array, layer, start, count: int, cols: tuple[int, int] | None = None) -> jax.Array:
+def _rows_of(w: jax.Array, layer, start, count: int) -> jax.Array:
     """Output channels [start, start + count) of w [out, in], or of layer `layer` of a stack
-    w [L, out, in] (a slice of the stack, never a copy of the layer); `cols`: (first, number)
-    of the inputs only."""
-    c0, nc = cols if cols is not None else (0, w.shape[-1])
+    w [L, out, in] (a slice of the stack, never a copy of the layer)."""
     if layer is None:
-        return jax.lax.dynamic_slice(w, (start, c0), (count, nc))
-    return jax.lax.dynamic_slice(w, (layer, start, c0), (1, count, nc))[0]
+        return jax.lax.dynamic_slice_in_dim(w, start, count, axis=0)
+    return jax.lax.dynamic_slice(w, (layer, start, 0), (1, count, w.shape[-1]))[0]
 
 
 @jax.jit
