@@ -10,7 +10,8 @@ def load(directory, **kwargs):
     -> `blip2_jax.inference.Blip2Inference`.
 
     kwargs: dtype ("float32" | "bfloat16"), mesh (a `sharding.make_mesh` mesh), length_bucket,
-    scan_layers (None: unrolled on CPU, scanned elsewhere), revision (a Hub branch, tag or commit),
+    scan_layers (None: `serving.default_scan_layers`, which on CPU scans an OPT language model
+    and unrolls the rest), revision (a Hub branch, tag or commit),
     quantize ("int8" | "int4": the frozen towers' matrices quantized, see `blip2_jax.quant`).
     """
     from blip2_jax.inference import load as _load
