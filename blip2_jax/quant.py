@@ -224,11 +224,12 @@ def dense(x: jax.Array, kernel: qwix.QArray, dtype, precision=None) -> jax.Array
     return qwix.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision).astype(dtype)
 
 
-def streaming_dot(x: jax.Array, kernel: qwix.QArray) -> jax.Array:
+def streaming_dot(x: jax.Array, kernel: qwix.QArray, layer=None) -> jax.Array:
     """The decoding dot on CPU (`models/streaming.py`, shared with bfloat16 kernels): int8 rows
     converted to float32 chunk by chunk while in cache, one byte per weight read from memory; the
-    scale applied to the result. -> float32 [..., out]."""
-    return streaming_lib.streaming_dot(x, kernel.qvalue, kernel.scale)
+    scale applied to the result. `layer`: the kernel is a stack, this layer's read in place.
+    -> float32 [..., out]."""
+    return streaming_lib.streaming_dot(x, kernel.qvalue, kernel.scale, layer=layer)
 
 
 # ------------------------------------------------------------------------------ trees

@@ -506,7 +506,7 @@ class Predictor:
         with sharding.use(mesh):
             boxed = build.abstract_params(model, cfg)
             shardings = quant.quantized_shardings(sharding.param_shardings(boxed, mesh), sharding.unbox(boxed), mode)
-        params = ckpt.place(shardings, dt, mode, _band_rule(mesh, scan))
+        params = ckpt.place(shardings, dt, mode, _band_rule(mesh))
         try:
             own_tok = tok_job.result()
         except (FileNotFoundError, ValueError, OSError) as e:
@@ -578,7 +578,7 @@ def _trim_after_compiles() -> None:
     jax.monitoring.register_event_duration_secs_listener(listener)
 
 
-def _band_rule(mesh, scan: bool):
+def _band_rule(mesh):
     """Which weights `from_dir` lays out in input bands: on one CPU device, the language model's
     [out, in] kernels (each layer's, when stacked) whose inputs a streamed decoding step reads in
     blocks (`streaming.Banded`)."""
@@ -590,8 +590,8 @@ def _band_rule(mesh, scan: bool):
     def rule(path, leaf, dtype) -> int:
         if path[0] != "language_model" or path[-1] != "kernel":
             return 1
-        shape = tuple(leaf.shape)
-        return streaming.band_count(shape[1:] if scan and "layers" in path else shape, dtype)
+        shape = tuple(leaf.shape)  # a stacked leaf (under "layers"): each layer's kernel
+        return streaming.band_count(shape[1:] if "layers" in path else shape, dtype)
     return rule
 
 

@@ -103,7 +103,7 @@ def layer_linear(x: Array, kernel: streaming.LayerOf, dtype: Dtype, precision=No
     stack, rows = kernel.stack, math.prod(x.shape[:-1])
     if quant.is_quantized(stack):
         if streaming.applies(rows, stack.qvalue.dtype):
-            return streaming.streaming_dot(x.astype(dtype), stack.qvalue, stack.scale, layer=kernel.index).astype(dtype)
+            return quant.streaming_dot(x.astype(dtype), stack, layer=kernel.index).astype(dtype)
         one = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, kernel.index, keepdims=False), stack)
         return quant.dense(x, one, dtype, precision)
     return streaming.layer_linear(x, kernel, dtype, precision).astype(dtype)
