@@ -88,6 +88,30 @@ def test_sharded_placement_equals_numpy_load(scan):
                for x in jax.tree.leaves(pred.params))
 
 
+def test_weights_are_copied_without_numpy_asking_for_huge_pages():
+    from numpy._core import multiarray
+
+    def state():  # numpy's madvise(MADV_HUGEPAGE) switch, read without changing it
+        previous = multiarray._set_madvise_hugepage(False)
+        multiarray._set_madvise_hugepage(previous)
+        return previous
+
+    seen = []
+
+    def dtype_of(path, leaf):
+        seen.append(state())
+        return np.float32
+
+    before = multiarray._set_madvise_hugepage(True)
+    try:
+        tree = {"a": np.ones((4, 4), np.float32)}
+        placement.materialize(tree, dtype_of)
+        placement.place(tree, {"a": jax.sharding.SingleDeviceSharding(jax.devices()[0])}, dtype_of)
+        assert seen == [False, False] and state() is True    # off while copying, restored after
+    finally:
+        multiarray._set_madvise_hugepage(before)
+
+
 def test_host_copy_is_aligned_and_transposes_exactly():
     a = np.arange(1200 * 700, dtype=np.float32).reshape(1200, 700)
     out = placement.host_copy(a.T, ml_dtypes.bfloat16)

@@ -276,8 +276,8 @@ def format_report(results: dict, docs: str) -> str:
              f"scenes ({'--fast, ' if results['fast'] else ''}{results['wall_seconds']:.0f}s wall, "
              f"{results['cpu_seconds']:.0f}s cpu)")
     out = [title, "",
-           f"Seed {seeds[0]}:", runs_table(runs), "", stage1_table(first["stage1"]), "",
-           examples_text(results)]
+           f"Seed {seeds[0]}:", runs_table(runs)] + lm_reading(results.get("towers", {}).get("lm", {})) + [
+           "", stage1_table(first["stage1"]), "", examples_text(results)]
     if "claim" not in results:
         out += ["", "Run without the ablation: no comparison with stage 2 alone."]
     elif len(seeds) >= 2:
@@ -289,6 +289,15 @@ def format_report(results: dict, docs: str) -> str:
                 f"are in {docs}.")
         out += ["", note]
     return "\n".join(out)
+
+
+def lm_reading(lm: dict) -> list[str]:
+    """The frozen LM's own binding, from text: the ceiling of the two-object rows above."""
+    if "qa_two_object_colour" not in lm:
+        return []
+    return [f"The frozen LM alone, from each two-object scene's text description (validation): colour "
+            f"{lm['qa_two_object_colour']:.1f} %, shape {lm.get('qa_two_object_shape', float('nan')):.1f} % "
+            "(chance ~50): VQA through the soft prompt does not bind better than its LM reads."]
 
 
 def examples_text(results: dict) -> str:

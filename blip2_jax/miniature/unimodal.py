@@ -411,7 +411,23 @@ def pretrain_lm(cfg, train: dict, val: dict, tok, out_dir: str, progress: Progre
         tcfg.to_hf(), architectures=["OPTForCausalLM"], torch_dtype="float32"))
     reading = {f"{k}_{t}": v for k, ctx in (("qa_with_description", True), ("qa_blind", False))
                for t, v in lm_answers(model, params, tok, val, ctx).items()}
+    reading.update(two_object_reading(model, params, tok, val))
     return {"final_loss": float(loss), **{f"val_loss_{k}": v for k, v in val_loss.items()}, **reading}
+
+
+def two_object_reading(model, params, tok, scenes: dict) -> dict:
+    """Accuracy (%) of the LM's answers to every colour and shape question about the two-object
+    scenes, after each scene's full description in text: what binding the LM brings to VQA
+    (`lm_answers` asks one question per scene, mostly about one-object scenes or the first
+    object). {"qa_two_object_colour", "qa_two_object_shape"}."""
+    out = {}
+    for kind in ("colour", "shape"):
+        picked = [(caps, [pair]) for caps, qa, types in zip(scenes["captions"], scenes["qa"], scenes["qa_types"])
+                  if " and " in caps[-1] for pair, t in zip(qa, types) if t == kind]
+        if picked:
+            sub = {"captions": [c for c, _ in picked], "qa": [q for _, q in picked]}
+            out[f"qa_two_object_{kind}"] = lm_answers(model, params, tok, sub, True)["accuracy"]
+    return out
 
 
 def lm_answers(model, params, tok, scenes: dict, with_description: bool, max_new: int = 4) -> dict:

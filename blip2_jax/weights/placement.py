@@ -193,7 +193,13 @@ Release = Callable[[list], None]
 
 
 def materialize(tree: dict, dtype_of: DtypeFn, release: Release = lambda arrays: None) -> dict:
-    """A lazy tree -> numpy arrays, one leaf at a time (pages released as they are copied)."""
+    """A lazy tree -> numpy arrays, one leaf at a time (pages released as they are copied), on
+    small pages as `place`."""
+    with small_pages():
+        return _materialize(tree, dtype_of, release)
+
+
+def _materialize(tree: dict, dtype_of: DtypeFn, release: Release) -> dict:
     out = {}
     for path, leaf in flatten(tree).items():
         dt = dtype_of(path, leaf)
