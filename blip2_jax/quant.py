@@ -172,17 +172,22 @@ def host_scale(kernel: np.ndarray, qtype, release=lambda arrays: None, read=None
 
 
 def host_quantize(kernel: np.ndarray, scale: np.ndarray, qtype, out: np.ndarray,
-                  release=lambda arrays: None, read=None) -> None:
+                  release=lambda arrays: None, read=None, fill_scale: bool = False) -> None:
     """out [out, in] = Qwix's quantization of a kernel view [out, in] with `scale` [out, 1], a
     block of output channels at a time (on the host's CPU device), each block a copy of its own
     (`read`, as in `host_scale`): the CPU device may alias a host array, so it is never handed a
-    view of the file, whose pages would then come back after `release`."""
+    view of the file, whose pages would then come back after `release`. `fill_scale`: `scale`
+    is written here, from each block as it is read (a channel's scale needs only its own row),
+    so the kernel is read once instead of twice."""
     read = read or _copy_f32
     cpu = jax.devices("cpu")[0]
     step = block_rows(kernel.shape[-1])
     for j in range(0, kernel.shape[0], step):
         block = read(kernel[j:j + step])
         release([kernel[j:j + step]])
+        if fill_scale:
+            absmax = np.abs(block).max(axis=1, keepdims=True)
+            scale[j:j + step] = np.asarray(_qwix_scale({"absmax": jax.device_put(absmax, cpu)}, qtype)[0])
         q = _qwix_quantize(jax.device_put(block, cpu), jax.device_put(scale[j:j + step], cpu), qtype)
         out[j:j + step] = np.asarray(q)
         del q, block

@@ -31,7 +31,7 @@ def quantized_paths(params) -> set[str]:
 # ------------------------------------------------------------------------------ numerics
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("stored", [np.float32, ml_dtypes.bfloat16])
-def test_host_quantization_equals_qwix(mode, stored):
+def test_host_quantization_equals_qwix(mode, stored, monkeypatch):
     """The lean loader's numpy quantization gives Qwix's qvalues and scales bit for bit."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((520, 300)) * rng.uniform(0.01, 3, (520, 1))).astype(stored)  # [out, in]
@@ -43,6 +43,13 @@ def test_host_quantization_equals_qwix(mode, stored):
     quant.host_quantize(w, scale, qtype, got)
     np.testing.assert_array_equal(scale, np.asarray(want.scale))
     np.testing.assert_array_equal(got.astype(np.int8), np.asarray(want.qvalue).astype(np.int8))
+    # one pass: the scales filled block by block as the quantization reads them (blocks of 64
+    # channels here, the last one 8)
+    monkeypatch.setattr(quant, "_BLOCK_BYTES", 64 * 4 * 300)
+    one_pass, got1 = np.full((520, 1), np.nan, np.float32), np.empty((520, 300), quant.HOST_QTYPES[mode])
+    quant.host_quantize(w, one_pass, qtype, got1, fill_scale=True)
+    np.testing.assert_array_equal(one_pass, np.asarray(want.scale))
+    np.testing.assert_array_equal(got1.astype(np.int8), np.asarray(want.qvalue).astype(np.int8))
     assert want.qvalue.shape == (520, 300) and want.scale.shape == (520, 1)
     err = np.abs(np.asarray(qwix.dequantize(want)) - w.astype(np.float32)).max(axis=1)
     step = np.asarray(want.scale)[:, 0]

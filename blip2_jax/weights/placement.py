@@ -293,27 +293,28 @@ def place_quantized(leaf, sh, qtype, release: Release):
     layers = leaf.qvalue.layers if stored and isinstance(leaf.qvalue, LayerStack) else (
         leaf.layers if isinstance(leaf, LayerStack) else None)
     kernels = layers if layers is not None else (leaf.qvalue if stored else leaf,)
+    d_out, d_in = kernels[0].shape[-2:]
     if stored:
         scales = leaf.scale.layers if isinstance(leaf.scale, LayerStack) else (leaf.scale,)
         scales = [np.asarray(x, np.float32) for x in scales]
-    else:
-        scales = []
-        for k in kernels:  # one pass over each layer for its scales, its pages released after it
-            scales.append(quant.host_scale(k, qtype, release, _f32))
+    else:  # filled as the quantization reads each block of channels: one pass over the kernel
+        scales = [np.empty((d_out, 1), np.float32) for _ in kernels]
+        filled = [np.zeros(d_out, bool) for _ in kernels]
     lead = () if layers is None else (len(kernels),)
-    d_out = scales[0].shape[0]
-    d_in = kernels[0].shape[-1]
     host_dtype = quant.HOST_QTYPES[quant.mode_of_qtype(qtype)]
 
-    def one(k, scale, rows, cols, out):
+    def one(i, rows, cols, out):
+        k, scale = kernels[i], scales[i]
         if stored:
             copy_into(out, np.asarray(k[rows, cols]))
         elif cols == slice(0, d_in):
-            quant.host_quantize(k[rows], scale[rows], qtype, out, release, _f32)
+            quant.host_quantize(k[rows], scale[rows], qtype, out, release, _f32, fill_scale=True)
         else:  # the input axis is split too: quantize whole channels, keep this shard's inputs
             full = np.empty((rows.stop - rows.start, d_in), host_dtype)
-            quant.host_quantize(k[rows], scale[rows], qtype, full, release, _f32)
+            quant.host_quantize(k[rows], scale[rows], qtype, full, release, _f32, fill_scale=True)
             out[...] = full[:, cols]
+        if not stored:
+            filled[i][rows] = True
         release([k])
 
     def qvalue_shard(index):
@@ -322,11 +323,15 @@ def place_quantized(leaf, sh, qtype, release: Release):
         out = aligned_empty(tuple(len(layer_rows) for _ in lead) + (rows.stop - rows.start, cols.stop - cols.start),
                             host_dtype)
         for j, i in enumerate(layer_rows):
-            one(kernels[i], scales[i], rows, cols, out[j] if lead else out)
+            one(i, rows, cols, out[j] if lead else out)
         return out
 
-    scale_all = np.stack(scales) if lead else scales[0]
     qvalue = jax.make_array_from_callback(lead + (d_out, d_in), sh.qvalue, qvalue_shard)
+    if not stored:  # channels no local shard holds (other hosts'): their scales read apart
+        for k, scale, done in zip(kernels, scales, filled):
+            if not done.all():
+                scale[...] = quant.host_scale(k, qtype, release, _f32)
+    scale_all = np.stack(scales) if lead else scales[0]
     scale = jax.make_array_from_callback(scale_all.shape, sh.scale, lambda index: np.ascontiguousarray(scale_all[index]))
     return qwix.QArray(qvalue, scale, None, qtype)
 
