@@ -301,3 +301,31 @@ def test_quantizing_and_quantized_loading_stay_within_1_1x_the_placed_weights(tm
         print(f"{directory} {mode} scan={scan}: weights {m['weights']:.0f} MiB, peak grew {grown:.0f} MiB "
               f"({grown / m['weights']:.3f}x) in {m['seconds']:.2f} s")
         assert grown <= 1.1 * m["weights"], (directory, mode, scan, m)
+
+
+def test_placed_scales_of_channels_no_local_shard_holds_are_read_apart(monkeypatch):
+    """On several hosts a host quantizes only its own shards' channels; the scales of the others'
+    channels (a replicated scale needs them all) are read from the kernel apart."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from blip2_jax.weights import placement
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 32)) * rng.uniform(0.1, 2, (64, 1))).astype(np.float32)
+    qtype = quant.QTYPES["int8"]
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("model",))
+    sh = quant.shard_like(NamedSharding(mesh, P(None, None)), 2, qtype)
+    real = jax.make_array_from_callback
+    calls = []
+
+    def this_host_holds_half(shape, sharding, callback):
+        if not calls:                                   # the qvalue: only channels 0-31 are local
+            calls.append(callback((slice(0, 32), slice(None))))
+            return None
+        return real(shape, sharding, callback)
+
+    monkeypatch.setattr(jax, "make_array_from_callback", this_host_holds_half)
+    got = placement.place_quantized(w, sh, qtype, lambda arrays: None)
+    want = quant.quantize_kernel(jnp.asarray(w), qtype)
+    np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(want.scale))
+    np.testing.assert_array_equal(calls[0].astype(np.int8), np.asarray(want.qvalue)[:32].astype(np.int8))
