@@ -167,7 +167,12 @@ def host_scale(kernel: np.ndarray, qtype, release=lambda arrays: None, read=None
         block = read(kernel[j:j + step])
         release([kernel[j:j + step]])
         absmax[j:j + step, 0] = np.abs(block, out=block).max(axis=1)
-    scale, _ = _qwix_scale({"absmax": jax.device_put(absmax, jax.devices("cpu")[0])}, qtype)  # Qwix's own
+    return _scale_of(absmax, qtype)
+
+
+def _scale_of(absmax: np.ndarray, qtype) -> np.ndarray:
+    """Qwix's own per-channel scales [rows, 1] from the channels' absolute maxima [rows, 1]."""
+    scale, _ = _qwix_scale({"absmax": jax.device_put(absmax, jax.devices("cpu")[0])}, qtype)
     return np.asarray(scale)
 
 
@@ -186,8 +191,7 @@ def host_quantize(kernel: np.ndarray, scale: np.ndarray, qtype, out: np.ndarray,
         block = read(kernel[j:j + step])
         release([kernel[j:j + step]])
         if fill_scale:
-            absmax = np.abs(block).max(axis=1, keepdims=True)
-            scale[j:j + step] = np.asarray(_qwix_scale({"absmax": jax.device_put(absmax, cpu)}, qtype)[0])
+            scale[j:j + step] = _scale_of(np.abs(block).max(axis=1, keepdims=True), qtype)
         q = _qwix_quantize(jax.device_put(block, cpu), jax.device_put(scale[j:j + step], cpu), qtype)
         out[j:j + step] = np.asarray(q)
         del q, block

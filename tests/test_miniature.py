@@ -247,6 +247,8 @@ def test_vqa_every_question_counts_every_question_once():
 
 
 def test_two_object_reading_asks_every_colour_and_shape_question_of_two_object_scenes(monkeypatch):
+    import numpy as np
+
     from blip2_jax.miniature import unimodal
     asked = []
 
@@ -263,7 +265,9 @@ def test_two_object_reading_asks_every_colour_and_shape_question_of_two_object_s
                       ("what shape is the red object?", "star"), ("how many shapes are there?", "two")],
                      [("what color is the star?", "red")],
                      [("what color is the star?", "green")]],
-              "qa_types": [["colour", "colour", "shape", "count"], ["colour"], ["colour"]]}
+              "qa_types": [["colour", "colour", "shape", "count"], ["colour"], ["colour"]],
+              "targets": [np.array([[5, 1, 2], [0, 0, 0], [2, 3, 1]]), np.array([[5, 1, 1], [0, 0, 0], [0, 0, 0]]),
+                          np.array([[0, 0, 0], [5, 2, 2], [2, 3, 1]])]}  # occupied cells: 2, 1, 2
     got = unimodal.two_object_reading(None, None, None, scenes)
     colour, shape = asked
     assert colour == [(two, [("what color is the star?", "red")]), (two, [("what color is the square?", "blue")]),

@@ -422,8 +422,9 @@ def two_object_reading(model, params, tok, scenes: dict) -> dict:
     object). {"qa_two_object_colour", "qa_two_object_shape"}."""
     out = {}
     for kind in ("colour", "shape"):
-        picked = [(caps, [pair]) for caps, qa, types in zip(scenes["captions"], scenes["qa"], scenes["qa_types"])
-                  if " and " in caps[-1] for pair, t in zip(qa, types) if t == kind]
+        picked = [(caps, [pair]) for caps, qa, types, cells in
+                  zip(scenes["captions"], scenes["qa"], scenes["qa_types"], scenes["targets"])
+                  if (cells[:, 0] > 0).sum() == 2 for pair, t in zip(qa, types) if t == kind]
         if picked:
             sub = {"captions": [c for c, _ in picked], "qa": [q for _, q in picked]}
             out[f"qa_two_object_{kind}"] = lm_answers(model, params, tok, sub, True)["accuracy"]
