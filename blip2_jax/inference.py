@@ -31,9 +31,16 @@ def load(directory: str, *, dtype: Any = "float32", mesh=None, length_bucket: in
     ("float32" or "bfloat16"); the Q-Former, layer norms and biases stay float32 whatever the
     files store. `scan_layers`: see `serving.default_scan_layers` (None = that default).
     `quantize`: "int8" (or "int4") stores the frozen towers' matrices quantized, with one scale
-    per output channel (`blip2_jax/quant.py`); None keeps what the checkpoint holds."""
+    per output channel (`blip2_jax/quant.py`); None keeps what the checkpoint holds.
+    `mesh`: a `sharding.make_mesh` mesh, None (one device), or "cores": on a CPU host, one device
+    per core with decoding's products split over them (`blip2_jax/cores.py`)."""
+    from blip2_jax import cores
     from blip2_jax.weights import hf, hub
 
+    if isinstance(mesh, str):
+        if mesh != "cores":
+            raise ValueError(f"mesh: a device mesh, None or 'cores', got {mesh!r}")
+        mesh = cores.mesh()
     cache.enable()
     directory = hub.resolve(os.fspath(directory), revision=revision)
     predictor = serving.Predictor.from_dir(directory, dtype=dtype, mesh=mesh, length_bucket=length_bucket,

@@ -227,7 +227,7 @@ def dense(x: jax.Array, kernel: qwix.QArray, dtype, precision=None) -> jax.Array
     `streaming.applies`): `streaming_dot`."""
     rows = int(np.prod(x.shape[:-1]))
     if kernel.qvalue.ndim == 2 and streaming_lib.applies(rows, kernel.qvalue.dtype):
-        return streaming_dot(x, kernel).astype(dtype)
+        return streaming_lib.per_device(streaming_dot, x, kernel).astype(dtype)
     x, kernel = jax.lax.optimization_barrier((x, kernel))
     dims = (((x.ndim - 1,), (kernel.qvalue.ndim - 1,)), ((), ()))
     return qwix.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision).astype(dtype)

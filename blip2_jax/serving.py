@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from blip2_jax import generation, sharding
 from blip2_jax.data import text as text_lib
@@ -505,7 +506,8 @@ class Predictor:
         model = Blip2(cfg, vision_dtype=dt, text_dtype=dt, scan_layers=scan, vision_scan_layers=scan_vision)
         with sharding.use(mesh):
             boxed = build.abstract_params(model, cfg)
-            shardings = quant.quantized_shardings(sharding.param_shardings(boxed, mesh), sharding.unbox(boxed), mode)
+            shardings = split_kernels(sharding.param_shardings(boxed, mesh), mesh)
+            shardings = quant.quantized_shardings(shardings, sharding.unbox(boxed), mode)
         params = ckpt.place(shardings, dt, mode, _band_rule(mesh))
         try:
             own_tok = tok_job.result()
@@ -578,13 +580,33 @@ def _trim_after_compiles() -> None:
     jax.monitoring.register_event_duration_secs_listener(listener)
 
 
+def split_kernels(shardings: dict, mesh) -> dict:
+    """On a mesh of host devices split along "tensor" only (`streaming.split_mesh`), each
+    language-model kernel [..., out, in] is placed split by output channel, as a decoding step's
+    products stream their shares (`streaming.per_device`); other meshes: `shardings` as given."""
+    from blip2_jax.models import streaming
+
+    if streaming.split_mesh(mesh) is None:
+        return shardings
+    P = jax.sharding.PartitionSpec
+
+    def one(path, sh):
+        if path[0] != "language_model" or path[-1] != "kernel" or len(sh.spec) < 2:
+            return sh
+        return jax.sharding.NamedSharding(mesh, P(*(None,) * (len(sh.spec) - 2), streaming.SPLIT_AXIS, None))
+    flat = traverse_util.flatten_dict(shardings)
+    return traverse_util.unflatten_dict({p: one(p, sh) for p, sh in flat.items()})
+
+
 def _band_rule(mesh):
-    """Which weights `from_dir` lays out in input bands: on one CPU device, the language model's
+    """Which weights `from_dir` lays out in input bands: on one CPU device (or split by output
+    channel over host devices, `split_kernels`), the language model's
     [out, in] kernels (each layer's, when stacked) whose inputs a streamed decoding step reads in
     blocks (`streaming.Banded`)."""
     from blip2_jax.models import streaming
 
-    if mesh.devices.size != 1 or jax.default_backend() != "cpu" or not streaming.applies(1, jnp.bfloat16):
+    one = mesh.devices.size == 1 or streaming.split_mesh(mesh) is not None
+    if not one or jax.default_backend() != "cpu" or not streaming.applies(1, jnp.bfloat16):
         return None
 
     def rule(path, leaf, dtype) -> int:

@@ -129,6 +129,7 @@ def test_bad_input(photos, tmp_path):
         (("generate", "--model", only_config, "--image", photos[0]), "tokenizer"),
         (("generate", "--model", opt, "--image", photos[0], "--prompt", "word " * 200), "at most"),
         (("generate", "--model", opt, "--image", photos[0], "--num_beams", 0), "--num_beams"),
+        (("generate", "--model", opt, "--image", photos[0], "--cores", 0), "--cores"),
         (("match", "--model", opt, "--image", photos[0], "--text", "a cat"), "captioning checkpoint"),
         (("score", "--model", GOLDEN / "blip2_itm", "--image", photos[0], "--text", "a"), "retrieval checkpoint"),
         (("retrieve", "--model", GOLDEN / "blip2_itm", "--images", tmp_path / "empty_model", "--queries",

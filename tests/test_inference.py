@@ -10,6 +10,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import blip2_jax
 from blip2_jax import sharding
@@ -174,6 +175,58 @@ def test_cpu_serving_lays_wide_kernels_out_in_bands(monkeypatch, scan):
     assert lm["fc2"]["kernel"].shape == at(plain.params["language_model"])["fc2"]["kernel"].shape
     assert not isinstance(at(banded.params["vision_model"])["fc2"]["kernel"], streaming.Banded)
     assert banded.generate_ids(image, None, max_new_tokens=4) == plain.generate_ids(image, None, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("case,scan,quantize", [("blip2_opt", True, None), ("blip2_opt", False, None),
+                                                ("blip2_opt", True, "int8"), ("blip2_t5", None, None)])
+def test_serving_on_two_cores_gives_one_devices_tokens(monkeypatch, case, scan, quantize):
+    """mesh="cores" on a 2-core host: a (1, 1, 2) mesh of host devices; the language model's
+    kernels are placed split by output channel (in input bands too, forced here on the tiny
+    model) and decoding's products run per device, each output channel computed as on one
+    device: from the same soft prompts, one image's greedy tokens equal one device's, bfloat16
+    and int8, OPT and T5 alike. What XLA partitions itself (the image side, products of more
+    rows) agrees to bfloat16's rounding: the soft prompts within 2 ulps. A mesh named other
+    than "cores" is a one-line error."""
+    import jax
+    from blip2_jax import cores
+    from blip2_jax.models import streaming
+    monkeypatch.setattr(cores, "available", lambda: 2)
+    monkeypatch.setattr(streaming, "VECTOR_BYTES", 64)
+    kw = dict(dtype="bfloat16", scan_layers=scan, quantize=quantize)
+    one = blip2_jax.load(GOLDEN / case, **kw)
+    split = blip2_jax.load(GOLDEN / case, mesh="cores", **kw)
+    assert dict(split.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2}
+    if case == "blip2_opt":
+        lm = split.params["language_model"]
+        lm = lm["layers"] if scan else lm["layers_0"]
+        lead = (None,) * scan
+        fc1, fc2 = lm["fc1"]["kernel"], lm["fc2"]["kernel"]
+        if quantize:
+            assert fc1.qvalue.sharding.spec == P(*lead, "tensor", None)
+        else:
+            assert isinstance(fc2, streaming.Banded) and fc2.blocks.sharding.spec == P(*lead, None, "tensor", None)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), np.uint8) for _ in range(2)]
+    own_prompts = split.predictor._soft_prompts
+    for batch in (images[:1], images):
+        pix = jnp.asarray(one.pixel_values(batch))
+        with sharding.use(one.mesh):
+            prompt = np.asarray(one.predictor._soft_prompts(one.params, pix).astype(jnp.float32))
+        with sharding.use(split.mesh):
+            own = np.asarray(own_prompts(split.params, pix).astype(jnp.float32))
+        np.testing.assert_allclose(own, prompt, rtol=0, atol=2 * 2.0 ** -8 * np.abs(prompt).max())
+        if len(batch) == 1:
+            fixed = jax.device_put(prompt.astype(jnp.bfloat16), jax.sharding.NamedSharding(split.mesh, P()))
+    monkeypatch.setattr(split.predictor, "_soft_prompts", lambda params, px: fixed)
+    taken = []
+    real = streaming.split_mesh
+    monkeypatch.setattr(streaming, "split_mesh", lambda *a: taken.append(real(*a)) or taken[-1])
+    got = split.generate_ids(images[:1], None, max_new_tokens=4)
+    monkeypatch.setattr(streaming, "split_mesh", real)
+    assert any(m is not None for m in taken)
+    assert got == one.generate_ids(images[:1], None, max_new_tokens=4)
+    with pytest.raises(ValueError, match="'cores'"):
+        blip2_jax.load(GOLDEN / "blip2_opt", mesh="all")
 
 
 def test_cpu_serving_gives_large_freed_buffers_back(monkeypatch):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 from blip2_jax import serving, sharding
 from blip2_jax.models import build
@@ -142,6 +143,17 @@ def test_views_of_a_file_are_read_with_pread_exactly(tmp_path, monkeypatch):
         assert sum(reads) >= src.nbytes, (name, reads)
     banded = placement.place_banded(v, jax.sharding.SingleDeviceSharding(jax.devices()[0]), v.dtype, 2, lambda a: None)
     np.testing.assert_array_equal(np.asarray(banded.blocks), np.stack([np.array(v[:, :130]), np.array(v[:, 130:])]))
+    # split by output channel over two devices: each holds its rows' bands; other splits refused
+    mesh = sharding.make_mesh((1, 1, 2), devices=jax.devices()[:2])
+    P = jax.sharding.PartitionSpec
+    split = placement.place_banded(v, NamedSharding(mesh, P("tensor", None)), v.dtype, 2, lambda a: None)
+    assert split.blocks.sharding.spec == P(None, "tensor", None)
+    np.testing.assert_array_equal(np.asarray(split.blocks), np.asarray(banded.blocks))
+    for shard in split.blocks.addressable_shards:
+        rows = slice(0, 150) if shard.device == jax.devices()[0] else slice(150, 300)
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(banded.blocks)[:, rows])
+    with pytest.raises(ValueError, match="split by output channel only"):
+        placement.place_banded(v, NamedSharding(mesh, P(None, "tensor")), v.dtype, 2, lambda a: None)
     with open(tmp_path / "model.safetensors", "r+b") as f:  # cut short after the header was read
         f.truncate(os.path.getsize(tmp_path / "model.safetensors") - 1000)
     with pytest.raises(safetensors_io.WeightsError, match="truncated while loading"):

@@ -24,7 +24,8 @@ GENERATION_FLAGS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_pen
 
 
 def build_parser():
-    p = common.parser(PROG, "Annotate an image collection (captions, VQA answers, embeddings) with BLIP-2.")
+    p = common.parser(PROG, "Annotate an image collection (captions, VQA answers, embeddings) with BLIP-2.",
+                      cores=False)
     p.add_argument("--input", required=True, help="image folder, webdataset .tar files (glob), or TFDS name:split")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--output", required=True, metavar="DIR")

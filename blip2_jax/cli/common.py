@@ -28,7 +28,7 @@ def fail(prog: str, message: str):
     sys.exit(2)
 
 
-def parser(prog: str, description: str) -> OneLineParser:
+def parser(prog: str, description: str, cores: bool = True) -> OneLineParser:
     p = OneLineParser(prog=prog, description=description)
     p.add_argument("--model", required=True, metavar="DIR_OR_ID",
                    help="transformers-format BLIP-2 directory, or Hugging Face Hub id (e.g. "
@@ -36,6 +36,8 @@ def parser(prog: str, description: str) -> OneLineParser:
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit (with a Hub id)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="frozen towers' dtype")
     add_quantize(p)
+    if cores:
+        add_cores(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -45,6 +47,13 @@ def add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, metavar="MODE",
                    help="frozen towers' matrices quantized: int8 or int4 (weight-only, one scale per "
                         "output channel); default: as the checkpoint stores them")
+
+
+def add_cores(p: argparse.ArgumentParser) -> None:
+    """--cores: on a CPU host, one device per core, decoding split over them (blip2_jax/cores.py)."""
+    p.add_argument("--cores", type=positive_int, default=None, metavar="N",
+                   help="on a CPU host: serve on N cores, one device each (default: every core this "
+                        "process may use; 1: one device)")
 
 
 def _number(kind, lower, strict: bool):
@@ -87,9 +96,10 @@ def load_images(paths: Sequence[str]):
 
 
 def load_model(args):
+    from blip2_jax import cores
     from blip2_jax.inference import load
     return load(args.model, dtype=args.dtype, revision=getattr(args, "revision", None),
-                quantize=getattr(args, "quantize", None))
+                quantize=getattr(args, "quantize", None), mesh=cores.mesh(getattr(args, "cores", None)))
 
 
 def print_json(obj: Any):

@@ -353,6 +353,7 @@ def build_parser():
     p.add_argument("--gallery", metavar="DIR", help="a server folder of images the search tab can search")
     p.add_argument("--dtype", default="float32", choices=common.DTYPES, help="frozen towers' dtype")
     common.add_quantize(p)
+    common.add_cores(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=common.positive_int, default=7860)
     return p
@@ -369,11 +370,13 @@ def main(argv=None) -> int:
             gallery = list_gallery(args.gallery)
         import jax
 
-        from blip2_jax import inference
+        from blip2_jax import cores, inference
         t0 = time.perf_counter()
-        model = inference.load(model_dir, dtype=args.dtype, quantize=args.quantize)
+        mesh = cores.mesh(args.cores)
+        model = inference.load(model_dir, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
         model.predictor.require(model.can_generate, "the demo's caption and chat", model_dir)
-        retrieval = inference.load(retrieval_dir, dtype=args.dtype, quantize=args.quantize) if retrieval_dir else None
+        retrieval = inference.load(retrieval_dir, dtype=args.dtype, quantize=args.quantize,
+                                   mesh=mesh) if retrieval_dir else None
         if retrieval is not None:
             retrieval.predictor.require(retrieval.can_match, "search", retrieval_dir)
         dev = jax.devices()

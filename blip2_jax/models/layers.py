@@ -88,7 +88,7 @@ def linear(x: Array, kernel: Array, dtype: Dtype, transposed: bool = False,
         return streaming.banded_linear(x, kernel, dtype).astype(out_dtype)
     rows = math.prod(x.shape[:-1])
     if transposed and kernel.ndim == 2 and streaming.applies(rows, kernel.dtype):
-        return streaming.streaming_dot(x.astype(dtype), kernel.astype(dtype)).astype(out_dtype)
+        return streaming.per_device(streaming.streaming_dot, x.astype(dtype), kernel.astype(dtype)).astype(out_dtype)
     dims = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
     if jnp.dtype(dtype).itemsize == 2 and jnp.dtype(out_dtype) == jnp.float32:
         return half_dot_f32(x.astype(dtype), kernel.astype(dtype), dims)
@@ -103,7 +103,8 @@ def layer_linear(x: Array, kernel: streaming.LayerOf, dtype: Dtype, precision=No
     stack, rows = kernel.stack, math.prod(x.shape[:-1])
     if quant.is_quantized(stack):
         if streaming.applies(rows, stack.qvalue.dtype):
-            return quant.streaming_dot(x.astype(dtype), stack, layer=kernel.index).astype(dtype)
+            return streaming.per_device(lambda x, k, i: quant.streaming_dot(x, k, layer=i), x.astype(dtype),
+                                        stack, kernel.index).astype(dtype)
         one = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, kernel.index, keepdims=False), stack)
         return quant.dense(x, one, dtype, precision)
     return streaming.layer_linear(x, kernel, dtype, precision).astype(dtype)

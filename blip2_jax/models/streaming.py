@@ -25,6 +25,11 @@ as `LayerOf(stack, index)` and the products cut their chunks straight out of the
 (`streaming_dot(..., layer=)`, `banded_dot(..., layer=)`); with a few more rows than streaming
 takes, `stacked_dot` runs XLA's dot on larger chunks of the stack; from COPY_ROWS rows (prefill)
 the layer's kernel is copied for one product, which is faster there.
+
+Both cores: XLA's CPU runtime runs one device's products one after another on one thread. On a
+mesh of host devices whose one split axis is "tensor" (`split_mesh`), each streamed product is
+`per_device`: every device streams its share of the output channels (the weights are placed
+split that way, `serving.split_kernels`), concurrently with the others.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ INT8_ROWS = 1              # int8: from 2 rows Qwix's dequantize-then-dot is fas
 INT4_ROWS = 4              # int4: its unpacking keeps Qwix's dot slower to 4 rows at least (16.7 against 14.2 ms)
 
 _ENABLED = contextvars.ContextVar("blip2_jax_streaming", default=None)
+SPLIT_AXIS = "tensor"
 
 
 @contextlib.contextmanager
@@ -75,6 +81,39 @@ def applies(rows: int, weight_dtype) -> bool:
     if jnp.issubdtype(dt, jnp.floating):
         return rows <= FLOAT_ROWS
     return rows <= (INT8_ROWS if dt.itemsize == 1 and dt.name != "int4" else INT4_ROWS)
+
+
+def split_mesh(mesh=None):
+    """The mesh (default: the one set for tracing) over which streamed products split their
+    output channels: host devices (CPU) on a mesh whose only axis of size > 1 is SPLIT_AXIS;
+    else None."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if jax.default_backend() != "cpu" or mesh.empty:
+        return None
+    sizes = dict(mesh.shape)
+    if sizes.get(SPLIT_AXIS, 1) == 1 or any(n != 1 for a, n in sizes.items() if a != SPLIT_AXIS):
+        return None
+    return mesh
+
+
+def per_device(product, x: jax.Array, weight, *args) -> jax.Array:
+    """product(x, weight, *args) -> [..., out], each device of `split_mesh()` running it on its
+    share of `weight`'s output channels (axis -2 of every leaf: a kernel [.., out, in], `Banded`
+    blocks, a quantized kernel's values and scales) -> [..., out] split on its last axis. Without
+    a split mesh (or with channels it does not divide), `product` as it is."""
+    mesh = split_mesh()
+    leaves, tree = jax.tree.flatten(weight)
+    n = mesh.shape[SPLIT_AXIS] if mesh is not None else 1
+    if n == 1 or any(a.ndim < 2 or a.shape[-2] % n for a in leaves):
+        return product(x, weight, *args)
+    P = jax.sharding.PartitionSpec
+    split = lambda ndim, at: P(*(SPLIT_AXIS if i == at % ndim else None for i in range(ndim)))
+
+    def local(x, args, *leaves):
+        return product(x, jax.tree.unflatten(tree, leaves), *args)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), *(split(a.ndim, -2) for a in leaves)),
+                         out_specs=split(x.ndim, -1), check_vma=False)(x, args, *leaves)
 
 
 def _input_blocks(d_in: int) -> int:
@@ -188,19 +227,19 @@ def layer_linear(x: jax.Array, w: LayerOf, dtype, precision=None) -> jax.Array:
     s, rows = w.stack, math.prod(x.shape[:-1])
     if isinstance(s, Banded):
         if applies(rows, s.dtype):
-            return banded_dot(x.astype(dtype), s.blocks, w.index)
+            return per_device(lambda x, b, i: banded_dot(x, b.blocks, i), x.astype(dtype), s, w.index)
         blocks = jax.lax.dynamic_index_in_dim(s.blocks, w.index, keepdims=False)
         return banded_linear(x, Banded(blocks), dtype).astype(F32)
     if np.dtype(s.dtype) != np.dtype(dtype) and np.dtype(dtype) != np.float32:
         s = jax.lax.dynamic_index_in_dim(s, w.index, keepdims=True).astype(dtype)
         w = LayerOf(s, jnp.int32(0))
     if applies(rows, s.dtype):
-        return streaming_dot(x.astype(dtype), s, layer=w.index)
+        return per_device(lambda x, k, i: streaming_dot(x, k, layer=i), x.astype(dtype), s, w.index)
     if rows >= COPY_ROWS:  # prefill: one product over a copy of the layer beats chunks of it
         k = jax.lax.dynamic_index_in_dim(s, w.index, keepdims=False).astype(dtype)
         return jax.lax.dot_general(x.astype(dtype), k, (((x.ndim - 1,), (1,)), ((), ())),
                                    precision=precision, preferred_element_type=F32)
-    return stacked_dot(x, s, w.index, np.dtype(dtype), precision)
+    return per_device(lambda x, k, i: stacked_dot(x, k, i, np.dtype(dtype), precision), x, s, w.index)
 
 
 # ------------------------------------------------------------------------------ banded weights
@@ -254,7 +293,7 @@ def banded_linear(x: jax.Array, w: Banded, dtype) -> jax.Array:
     nb, out, ib = w.blocks.shape
     rows = math.prod(x.shape[:-1])
     if applies(rows, w.dtype):
-        return banded_dot(x.astype(dtype), w.blocks).astype(dtype)
+        return per_device(lambda x, b: banded_dot(x, b.blocks), x.astype(dtype), w).astype(dtype)
     xb = x.reshape(rows, nb, ib).astype(dtype)
     blocks = w.blocks.astype(dtype)
 

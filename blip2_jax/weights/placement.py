@@ -252,24 +252,39 @@ def _place(tree, shardings, dtype_of, release, quantize, bands) -> dict:
 
 
 def place_banded(leaf, sh, dtype, nb: int, release: Release) -> streaming.Banded:
-    """A 2-D leaf (or a `LayerStack` of them) on the one device of `sh`, copied straight into its
-    `nb` input bands: blocks [nb, out, in / nb] ([L, nb, out, in / nb] for a stack)."""
-    if len(sh.device_set) != 1:
-        raise ValueError("input bands are laid out for one device only")
+    """A 2-D leaf (or a `LayerStack` of them) copied straight into its `nb` input bands: blocks
+    [nb, out, in / nb] ([L, nb, out, in / nb] for a stack), on the device of `sh`, or on each
+    device its share of the output channels where `sh` splits them (and nothing else)."""
     stacked = isinstance(leaf, LayerStack)
     srcs = [np.asarray(x) for x in (leaf.layers if stacked else (leaf,))]
     o, d_in = srcs[0].shape
     ib = d_in // nb
-    host = aligned_empty((len(srcs), nb, o, ib), dtype)
+    shape = (len(srcs), o, d_in) if stacked else (o, d_in)
+    shares = sh.devices_indices_map(shape)
+    whole = lambda i, n: i.indices(n)[:2] == (0, n)
+    if any(not whole(i, n) for index in shares.values() for i, n in zip(index[:-2] + index[-1:], shape[:-2] + shape[-1:])):
+        raise ValueError(f"input bands are laid out split by output channel only, not {sh.spec}")
     rows = max(1, _STAGE_BYTES // max(1, srcs[0][:1].nbytes))
-    for out, src in zip(host, srcs):
-        for r in range(0, o, rows):  # a block of rows read once, then dealt out to the bands
-            block = host_copy(src[r:r + rows], dtype)
-            for b in range(nb):
-                copy_into(out[b, r:r + rows], block[:, b * ib:(b + 1) * ib])
-            release([src[r:r + rows]])
+    placed = []
+    for device, index in shares.items():
+        lo, hi, _ = index[-2].indices(o)
+        host = aligned_empty((len(srcs), nb, hi - lo, ib), dtype)
+        for out, src in zip(host, srcs):
+            for r in range(lo, hi, rows):  # a block of rows read once, then dealt out to the bands
+                block = host_copy(src[r:min(r + rows, hi)], dtype)
+                for b in range(nb):
+                    copy_into(out[b, r - lo:r - lo + len(block)], block[:, b * ib:(b + 1) * ib])
+                release([src[r:r + len(block)]])
+        placed.append(jax.device_put(host if stacked else host[0], device))
+    for src in srcs:
         release([src])
-    return streaming.Banded(jax.device_put(host if stacked else host[0], next(iter(sh.device_set))))
+    if len(placed) == 1:
+        return streaming.Banded(placed[0])
+    P = jax.sharding.PartitionSpec
+    split = tuple(sh.spec) + (None,) * (len(shape) - len(sh.spec))
+    blocks = P(*((None,) * stacked), None, split[-2], None)
+    return streaming.Banded(jax.make_array_from_single_device_arrays(
+        (len(srcs),) * stacked + (nb, o, ib), jax.sharding.NamedSharding(sh.mesh, blocks), placed))
 
 
 # ------------------------------------------------------------------------------ quantized kernels
