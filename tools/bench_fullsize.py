@@ -8,8 +8,8 @@
 2. Measures this machine's limits in the same run: loading's (a bare process reading the files
    into fresh memory, `FILL`), read bandwidth (a reduction over 1 GiB) and
    the matmul peak in bfloat16 and float32 (a large matmul), in JAX and in PyTorch (the larger
-   counts as the machine's); on a CPU also one core's read bandwidth (a decoding step's products
-   run one after another on one thread).
+   counts as the machine's); on a CPU also one core's read bandwidth (one device's products run
+   one after another on one thread; ours serves on every core, one device each: `--cores`).
 3. Runs each side in a child process of its own (one at a time: each holds the whole model):
    load seconds, first caption (compilation included), steady caption, tokens/s at batch 1 and
    8, the image side, prefill and one decoding step, peak RSS, and the generated ids. One
@@ -87,7 +87,9 @@ t = time.perf_counter(); fresh.fill(1); out["first_touch_bw"] = fresh.nbytes / (
 del fresh
 t = time.perf_counter()
 kw = {} if quant == "none" else {"quantize": quant}
-model = blip2_jax.load(d, dtype=dtype, **kw)
+from blip2_jax import cores
+CORES = int(os.environ.get("BENCH_CORES", "1"))
+model = blip2_jax.load(d, dtype=dtype, mesh=cores.mesh(CORES), **kw)
 jax.block_until_ready(model.params)
 out["load_s"], out["rss_after_load"], out["hwm_after_load"] = time.perf_counter() - t, rss(), hwm()
 out["weight_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(model.params)))
@@ -110,7 +112,9 @@ out["ids"] = ids
 pix1 = model.pixel_values([photo])
 for b in (1, 8):
     pix = np.repeat(pix1, b, 0)
-    sp = lambda: jax.block_until_ready(p._soft_prompts(p.params, jnp.asarray(pix)))
+    def sp():
+        with sharding.use(p.mesh):
+            return jax.block_until_ready(p._soft_prompts(p.params, jnp.asarray(pix)))
     one = lambda: model.generate_from_pixels(pix, [PROMPT] * b, max_new_tokens=1)
     full = lambda: model.generate_from_pixels(pix, [PROMPT] * b, max_new_tokens=N, min_new_tokens=N)
     img, t1, tn = timed(sp), timed(one), timed(full, 2)
@@ -139,14 +143,15 @@ def unrolled(tree):
     return out
 import dataclasses
 flat_model = dataclasses.replace(p.model, scan_layers=False, vision_scan_layers=False, parent=None)
-plain = unrolled(plain)
+plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unrolled(plain))  # one device's program
 def flops(fn, *args):  # None where the backend has no count before compilation (GPU: the compiled
     cost = jax.jit(fn).lower(*args).cost_analysis()  # one leaves out its cuBLAS products)
     return None if not cost else float(cost.get("flops", 0.0))
 for b in (1, 8):
     pix = jnp.asarray(np.repeat(pix1, b, 0))
     out[f"b{b}"]["image_flops"] = flops(lambda pr, x: generation.soft_prompts(flat_model, pr, x), plain, pix)
-    prompt = p._soft_prompts(p.params, pix)
+    with sharding.use(p.mesh):
+        prompt = jax.device_get(p._soft_prompts(p.params, pix))
     ids_a = jnp.zeros((b, length), jnp.int32); mask = jnp.ones((b, length), jnp.int32)
     out[f"b{b}"]["prefill_flops"] = flops(lambda pr, s, i, m: flat_model.apply({"params": pr}, s, i, m, method="lm_logits")[:, -1],
                                           plain, prompt, ids_a, mask)
@@ -376,11 +381,13 @@ t_start = time.perf_counter()
 import jax, numpy as np
 from PIL import Image
 from skimage import data
+import os
 import blip2_jax
+from blip2_jax import cores
 d, dtype, N, PROMPT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 import_s = time.perf_counter() - t_start
 t = time.perf_counter()
-model = blip2_jax.load(d, dtype=dtype)
+model = blip2_jax.load(d, dtype=dtype, mesh=cores.mesh(int(os.environ.get("BENCH_CORES", "1"))))
 jax.block_until_ready(model.params)
 load_s = time.perf_counter() - t
 photo = np.asarray(Image.fromarray(data.chelsea()).resize((640, 480)))
@@ -396,12 +403,14 @@ print(json.dumps({"first_s": first, "steady_s": steady, "import_s": import_s, "l
 # --device: JAX's platform, PyTorch's device, (summed float32s, matmul size) of the limits
 DEVICES = {"cpu": ("cpu", "cpu", (2**28, 2048)), "gpu": ("cuda", "cuda", (2**30, 8192))}
 DEVICE = "cpu"
+CORES = 1  # --cores: our side's host devices on a CPU (blip2_jax/cores.py)
 
 
 def jax_env(**extra) -> dict:
     """The environment of a JAX child: this device's platform, the project and tools/ importable."""
     path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tools"), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", DEVICES[DEVICE][0]), PYTHONPATH=path)
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", DEVICES[DEVICE][0]), PYTHONPATH=path,
+               BENCH_CORES=str(CORES))
     env.update(extra)
     if DEVICE != "cpu":  # device memory as used, not XLA's up-front reservation
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -495,7 +504,7 @@ def roofline(ours: dict, lim: dict, dtype: str) -> dict:
 def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: dict) -> None:
     gb = 1e9
     print(f"# {name}, {dtype}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}")
+          f"{os.getloadavg()[0]:.1f}; ours on {CORES} host device(s)")
     print(f"# limits (same run): read bandwidth {lim['bandwidth'] / gb:.1f} GB/s; matmul peak bf16 "
           f"{lim['peak_bfloat16'] / gb:.0f}, f32 {lim['peak_float32'] / gb:.0f} GFLOP/s "
           f"(JAX {lim['jax']['bandwidth'] / gb:.1f} GB/s, {lim['jax']['peak_bfloat16'] / gb:.0f}/"
@@ -559,9 +568,9 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
                   f"| {roof} | {frac} |")
     if "bandwidth_one_core" in lim:
         rate = ours["llm_bytes"] / ours["b1"]["step_s"]
-        print(f"# batch-1 decoding streams the weights at {rate / 1e9:.1f} GB/s on one thread: "
-              f"{rate / lim['bandwidth_one_core']:.0%} of one core's read bandwidth "
-              f"({lim['bandwidth_one_core'] / 1e9:.1f} GB/s, same run), {rate / lim['bandwidth']:.0%} of all cores'")
+        print(f"# batch-1 decoding streams the weights at {rate / 1e9:.1f} GB/s on {CORES} host device(s): "
+              f"{rate / lim['bandwidth']:.0%} of all cores' read bandwidth, {rate / lim['bandwidth_one_core']:.0%} "
+              f"of one core's ({lim['bandwidth_one_core'] / 1e9:.1f} GB/s, same run)")
 
 
 def main():
@@ -574,13 +583,17 @@ def main():
     p.add_argument("--checkpoint", help="the checkpoint folder (default: the cache folder; written if absent)")
     p.add_argument("--int8", action="store_true", help="also our int8 weight-only row")
     p.add_argument("--json", help="also write every figure to this file")
+    p.add_argument("--cores", type=int, default=None,
+                   help="CPU: our side serves on this many cores, one device each (default: every core, as the "
+                        "CLIs; 1: one device)")
     p.add_argument("--train", action="store_true", help="time one stage-2 training step instead (see above)")
     p.add_argument("--batch", type=int, default=2, help="--train: images per step")
     p.add_argument("--text-len", type=int, default=32, help="--train: text tokens per image")
     p.add_argument("--scan", action="store_true", help="--train: our layers scanned (default unrolled)")
     args = p.parse_args()
-    global DEVICE
+    global DEVICE, CORES
     DEVICE = args.device
+    CORES = (args.cores or len(os.sched_getaffinity(0))) if DEVICE == "cpu" else 1
     d = pathlib.Path(args.checkpoint) if args.checkpoint else default_dir(args.config)
     if not (d / "model.safetensors.index.json").exists():
         subprocess.run([args.torch_python, str(ROOT / "tools" / "make_full_checkpoint.py"), args.config,
