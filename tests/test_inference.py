@@ -180,7 +180,8 @@ def test_cpu_serving_lays_wide_kernels_out_in_bands(monkeypatch, scan):
 @pytest.mark.parametrize("case,scan,quantize", [("blip2_opt", True, None), ("blip2_opt", False, None),
                                                 ("blip2_opt", True, "int8"), ("blip2_t5", None, None)])
 def test_serving_on_two_cores_gives_one_devices_tokens(monkeypatch, case, scan, quantize):
-    """mesh="cores" on a 2-core host: a (1, 1, 2) mesh of host devices; the language model's
+    """mesh="cores" on a 2-core host: a (1, 1, 2) mesh of host devices (the image tower scanned
+    by default: `serving.default_scan_layers`); the language model's
     kernels are placed split by output channel (in input bands too, forced here on the tiny
     model) and decoding's products run per device, each output channel computed as on one
     device: from the same soft prompts, one image's greedy tokens equal one device's, bfloat16
@@ -196,6 +197,8 @@ def test_serving_on_two_cores_gives_one_devices_tokens(monkeypatch, case, scan, 
     one = blip2_jax.load(GOLDEN / case, **kw)
     split = blip2_jax.load(GOLDEN / case, mesh="cores", **kw)
     assert dict(split.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2}
+    if scan is None:  # by default the image tower is scanned there (one device: unrolled)
+        assert "layers" in split.params["vision_model"] and "layers" not in one.params["vision_model"]
     if case == "blip2_opt":
         lm = split.params["language_model"]
         lm = lm["layers"] if scan else lm["layers_0"]
