@@ -153,10 +153,9 @@ def test_scanned_decoding_reads_each_layer_in_its_stack():
 def test_products_split_over_host_devices_equal_one_devices(rows):
     """On a mesh of two host devices split along "tensor" only, each streamed product (a plain
     [out, in] kernel; a layer of a stack, plain, in input bands, int8; `stacked_dot` for more
-    rows) runs under shard_map, each device on its share of the output channels, and gives
-    exactly one device's result; a kernel whose channels the mesh does not divide, and a mesh
-    split along another axis, keep the one-device product; products XLA partitions itself (bands
-    of more rows) give the same numbers."""
+    rows, plain and in bands) runs under shard_map, each device on its share of the output
+    channels, and gives exactly one device's result; a kernel whose channels the mesh does not
+    divide, and a mesh split along another axis, keep the one-device product."""
     from blip2_jax import quant, sharding
     rng = np.random.default_rng(3)
     stack = _stack(rng, (3, 1200, 640), jnp.bfloat16)
@@ -176,7 +175,7 @@ def test_products_split_over_host_devices_equal_one_devices(rows):
             if rows > 1 and name in ("plain", "odd", "int8"):
                 continue  # not streamed: XLA's dot, partitioned by the compiler
             want = np.asarray(jax.jit(f)(x))
-            per_device = name != "odd" and (rows == 1 or name == "stack")
+            per_device = name != "odd" and (rows == 1 or name in ("stack", "banded"))
             for mesh, splits in ((split, per_device), (other, False)):
                 with sharding.use(mesh):
                     text = str(jax.make_jaxpr(f)(x))
