@@ -6,7 +6,8 @@ into one JAX device per core (`jax_num_cpu_devices`, set before JAX starts) and 
 "tensor" axis spans them, each streamed product runs on all of them at once, every device
 reading its share of the output channels (`streaming.per_device`; the language model's kernels
 are placed split that way, `serving.split_kernels`). Full-size OPT-2.7B on 2 cores: a batch-1
-decoding step of ~95 ms against ~160 on one device, the same tokens.
+decoding step of 88-136 ms (with the machine's bandwidth) against 157-164 on one device, the same
+tokens.
 
     model = blip2_jax.load(dir, dtype="bfloat16", mesh="cores")   # or mesh=cores.mesh(2)
 """
