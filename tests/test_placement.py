@@ -120,6 +120,18 @@ def test_host_copy_is_aligned_and_transposes_exactly():
     np.testing.assert_array_equal(out, a.T.astype(ml_dtypes.bfloat16))
 
 
+def _first_bytes(bufs, n: int) -> list:
+    """The leading `n` bytes of a list of buffers, as buffers (a short read's target)."""
+    out = []
+    for b in bufs:
+        b = memoryview(b).cast("B")
+        if n <= 0:
+            break
+        out.append(b[:n])
+        n -= len(out[-1])
+    return out
+
+
 def test_views_of_a_file_are_read_with_pread_exactly(tmp_path, monkeypatch):
     """Copies out of a safetensors file go through `pread` (not the map's page faults), in
     parts and stages smaller than the tensors here, and give numpy's own copy in every case:
@@ -132,7 +144,7 @@ def test_views_of_a_file_are_read_with_pread_exactly(tmp_path, monkeypatch):
     reads = []
     real = safetensors_io.read_span
     monkeypatch.setattr(safetensors_io, "read_span", lambda fm, off, out: (reads.append(out.nbytes), real(fm, off, out)))
-    monkeypatch.setattr(safetensors_io, "_READ_PART", 4096)
+    monkeypatch.setattr(safetensors_io, "_MIN_PART", 4096)
     monkeypatch.setattr(placement, "_STAGE_BYTES", 40_000)  # a cast in 4 stages, a transpose in one
     v = sd["w"]
     cases = {"stored": (v, v.dtype), "cast": (v, np.float32), "transposed": (v.T, np.float32),
@@ -141,8 +153,18 @@ def test_views_of_a_file_are_read_with_pread_exactly(tmp_path, monkeypatch):
         reads.clear()
         np.testing.assert_array_equal(placement.host_copy(src, dt), np.array(src).astype(dt), err_msg=name)
         assert sum(reads) >= src.nbytes, (name, reads)
+    monkeypatch.setattr(safetensors_io, "_IOV_MAX", 6)  # bands read 3 rows per preadv
+    scattered = []
+    real_bands = safetensors_io.read_rows_into_bands
+    monkeypatch.setattr(safetensors_io, "read_rows_into_bands", lambda fm, off, out: (scattered.append(out.shape), real_bands(fm, off, out)))
     banded = placement.place_banded(v, jax.sharding.SingleDeviceSharding(jax.devices()[0]), v.dtype, 2, lambda a: None)
+    assert scattered == [(2, 300, 130)]  # straight from the file into the bands
     np.testing.assert_array_equal(np.asarray(banded.blocks), np.stack([np.array(v[:, :130]), np.array(v[:, 130:])]))
+    real_preadv = os.preadv  # short reads (1000 bytes, not a whole band row) go on where they stop
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real_preadv(fd, _first_bytes(bufs, 1000), off))
+    short = placement.place_banded(v, jax.sharding.SingleDeviceSharding(jax.devices()[0]), v.dtype, 2, lambda a: None)
+    np.testing.assert_array_equal(np.asarray(short.blocks), np.asarray(banded.blocks))
+    monkeypatch.setattr(os, "preadv", real_preadv)
     # split by output channel over two devices: each holds its rows' bands; other splits refused
     mesh = sharding.make_mesh((1, 1, 2), devices=jax.devices()[:2])
     P = jax.sharding.PartitionSpec
@@ -168,7 +190,7 @@ def test_reading_in_parts_works_in_a_forked_child(tmp_path, monkeypatch):
     import warnings
 
     from blip2_jax.weights import safetensors_io
-    monkeypatch.setattr(safetensors_io, "_READ_PART", 4096)
+    monkeypatch.setattr(safetensors_io, "_MIN_PART", 4096)
     w = np.arange(64 * 256, dtype=np.float32).reshape(64, 256)
     save_state_dict({"w": w}, str(tmp_path))
     sd = LazyStateDict([str(tmp_path / "model.safetensors")])

@@ -18,8 +18,10 @@ tokens, the Q-Former and the projection in float32 (transformers keeps `query_to
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
+import os
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -270,6 +272,11 @@ def place_banded(leaf, sh, dtype, nb: int, release: Release) -> streaming.Banded
         lo, hi, _ = index[-2].indices(o)
         host = aligned_empty((len(srcs), nb, hi - lo, ib), dtype)
         for out, src in zip(host, srcs):
+            span = safetensors_io.file_span(src[lo:hi]) if safetensors_io.can_read_spans else None
+            if span is not None and src.dtype == out.dtype and src.flags.c_contiguous:
+                safetensors_io.read_rows_into_bands(span[0], span[1], out)  # straight from the file
+                release([src])
+                continue
             for r in range(lo, hi, rows):  # a block of rows read once, then dealt out to the bands
                 block = host_copy(src[r:min(r + rows, hi)], dtype)
                 for b in range(nb):
@@ -388,8 +395,30 @@ def _host_shard(leaf, dtype, release: Release, index: tuple) -> np.ndarray:
         return out
     rows = range(len(leaf.layers))[index[0]]
     rest = index[1:]
-    out = aligned_empty((len(rows),) + np.asarray(leaf.layers[0][rest]).shape, dtype)
-    for j, i in enumerate(rows):
+    first = np.asarray(leaf.layers[0][rest])
+    out = aligned_empty((len(rows),) + first.shape, dtype)
+
+    def one(j, i):
         copy_into(out[j], np.asarray(leaf.layers[i][rest]))
         release([leaf.layers[i]])
+    if _straight_read(first, out.dtype):  # no staging buffer: two layers at a time
+        list(_layer_pool(os.getpid()).map(one, range(len(rows)), rows))
+    else:
+        for j, i in enumerate(rows):
+            one(j, i)
     return out
+
+
+def _straight_read(src: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether `copy_into` reads `src` from its file straight into the output (same dtype,
+    contiguous): nothing staged, so copies may run side by side within the memory bound."""
+    return (safetensors_io.can_read_spans and src.dtype == dtype and src.flags.c_contiguous
+            and safetensors_io.file_span(src) is not None)
+
+
+@functools.cache
+def _layer_pool(pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    """Threads of process `pid` copying a stack's layers two at a time (each layer's reads
+    are parted again among `safetensors_io`'s readers): full-size OPT-2.7B on 2 cores loaded in
+    5.0 s against 5.5-6.0 one layer at a time."""
+    return concurrent.futures.ThreadPoolExecutor(min(2, os.cpu_count() or 1), thread_name_prefix="place-layer")
