@@ -182,6 +182,38 @@ def test_views_of_a_file_are_read_with_pread_exactly(tmp_path, monkeypatch):
         placement.host_copy(v, v.dtype)
 
 
+def test_leaves_split_by_input_columns_are_read_once(tmp_path, monkeypatch):
+    """A leaf split across devices by its input columns only (a row-parallel kernel on a
+    (1, 1, k) mesh) is read from its file once, each row scattered into every device's columns,
+    and equals the plain layout; a split of rows too, or a cast, keeps the per-device copy."""
+    from blip2_jax.weights import safetensors_io
+    rng = np.random.default_rng(1)
+    w = [rng.standard_normal((12, 40)).astype(ml_dtypes.bfloat16) for _ in range(2)]
+    save_state_dict({"l0": w[0], "l1": w[1]}, str(tmp_path))
+    sd = LazyStateDict([str(tmp_path / "model.safetensors")])
+    P = jax.sharding.PartitionSpec
+    mesh = sharding.make_mesh((1, 1, 2), devices=jax.devices()[:2])
+    tree = {"stack": placement.LayerStack((sd["l0"], sd["l1"])), "one": sd["l1"]}
+    shardings = {"stack": NamedSharding(mesh, P(None, None, "tensor")), "one": NamedSharding(mesh, P(None, "tensor"))}
+    scattered = []
+    real = safetensors_io.read_rows_into_bands
+    monkeypatch.setattr(safetensors_io, "read_rows_into_bands",
+                        lambda fm, off, bands: (scattered.append(len(bands)), real(fm, off, bands)))
+    placed = placement.place(tree, shardings, lambda path, leaf: leaf.dtype)
+    assert scattered == [2, 2, 2]  # one pass per layer, into both devices' columns
+    for name, want in (("stack", np.stack(w)), ("one", w[1])):
+        assert placed[name].sharding == shardings[name]
+        np.testing.assert_array_equal(np.asarray(placed[name]), want)
+        for shard in placed[name].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
+    four = sharding.make_mesh((1, 2, 2), devices=jax.devices()[:4])
+    assert placement._column_shares(sd["l0"], NamedSharding(four, P("fsdp", "tensor")), w[0].dtype) is None
+    assert placement._column_shares(sd["l0"], shardings["one"], np.float32) is None
+    cast = placement.place({"one": sd["l0"]}, {"one": shardings["one"]}, lambda path, leaf: np.float32)
+    np.testing.assert_array_equal(np.asarray(cast["one"]), w[0].astype(np.float32))
+    assert scattered == [2, 2, 2]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_reading_in_parts_works_in_a_forked_child(tmp_path, monkeypatch):
     """A process forked after loading (a data worker) reads with threads of its own: the parent's

@@ -248,6 +248,9 @@ def _place(tree, shardings, dtype_of, release, quantize, bands) -> dict:
         if nb > 1:
             out[path] = place_banded(leaf, flat_sh[path], dt, nb, release)
             continue
+        if _column_shares(leaf, flat_sh[path], dt) is not None:
+            out[path] = place_columns(leaf, flat_sh[path], dt, release)
+            continue
         shard = functools.partial(_host_shard, leaf, dt, release)
         out[path] = jax.make_array_from_callback(tuple(leaf.shape), flat_sh[path], shard)
     return unflatten(out)
@@ -292,6 +295,42 @@ def place_banded(leaf, sh, dtype, nb: int, release: Release) -> streaming.Banded
     blocks = P(*((None,) * stacked), None, split[-2], None)
     return streaming.Banded(jax.make_array_from_single_device_arrays(
         (len(srcs),) * stacked + (nb, o, ib), jax.sharding.NamedSharding(sh.mesh, blocks), placed))
+
+
+def _column_shares(leaf, sh, dtype) -> list[tuple[int, int]] | None:
+    """The column ranges, in order, of a 2-D leaf (or a `LayerStack` of them) stored as `dtype`
+    in a file, whose sharding `sh` splits its last (input) axis only, into equal parts: what
+    `place_columns` reads in one pass. None for any other leaf or sharding."""
+    stacked = isinstance(leaf, LayerStack)
+    first = np.asarray(leaf.layers[0] if stacked else leaf)
+    if first.ndim != 2 or not _straight_read(first, np.dtype(dtype)):
+        return None
+    shape = ((len(leaf.layers),) if stacked else ()) + first.shape
+    index = sh.devices_indices_map(shape).values()
+    if any(i.indices(n)[:2] != (0, n) for ix in index for i, n in zip(ix[:-1], shape[:-1])):
+        return None
+    cols = sorted({ix[-1].indices(shape[-1])[:2] for ix in index})
+    widths = {hi - lo for lo, hi in cols}
+    tiled = all(a[1] == b[0] for a, b in zip(cols, cols[1:])) and cols[0][0] == 0 and cols[-1][1] == shape[-1]
+    return cols if len(cols) > 1 and len(widths) == 1 and tiled else None
+
+
+def place_columns(leaf, sh, dtype, release: Release) -> jax.Array:
+    """A leaf split by its input columns across devices (`_column_shares`): each layer's rows
+    are read once, scattered straight into every device's columns (`read_rows_into_bands`),
+    instead of each device reading the whole rows to keep its part."""
+    stacked = isinstance(leaf, LayerStack)
+    srcs = [np.asarray(x) for x in (leaf.layers if stacked else (leaf,))]
+    shape = ((len(srcs),) if stacked else ()) + srcs[0].shape
+    cols = _column_shares(leaf, sh, dtype)
+    hosts = {c: aligned_empty((len(srcs), shape[-2], c[1] - c[0]), dtype) for c in cols}
+    for layer, src in enumerate(srcs):
+        fm, offset, _ = safetensors_io.file_span(src)
+        safetensors_io.read_rows_into_bands(fm, offset, [hosts[c][layer] for c in cols])
+        release([src])
+    placed = [jax.device_put(hosts[ix[-1].indices(shape[-1])[:2]] if stacked else hosts[ix[-1].indices(shape[-1])[:2]][0], device)
+              for device, ix in sh.devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, sh, placed)
 
 
 # ------------------------------------------------------------------------------ quantized kernels

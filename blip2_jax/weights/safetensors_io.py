@@ -213,19 +213,21 @@ def read_span(fm: FileMap, offset: int, out: np.ndarray) -> None:
         list(_readers(os.getpid()).map(lambda p: _read_part(fm, offset + p[0], view[p[0]:p[1]]), parts))
 
 
-def read_rows_into_bands(fm: FileMap, offset: int, bands: np.ndarray) -> None:
-    """Fills `bands` [nb, rows, w] with the file's rows of nb * w elements from `offset`, row r's
-    b-th run of w into bands[b, r]: one `preadv` per batch of rows, scattering straight into
-    the bands (no staging copy), batches read by the reading threads."""
-    nb, rows, w = bands.shape
-    if not bands.flags.c_contiguous:
-        raise ValueError("read_rows_into_bands fills C-contiguous arrays only")
-    flat = bands.view(np.uint8).reshape(nb, rows, -1)
-    row_bytes = nb * flat.shape[2]
+def read_rows_into_bands(fm: FileMap, offset: int, bands) -> None:
+    """Fills the bands, C-contiguous arrays [rows, w] of one shape (or a [nb, rows, w] array),
+    with the file's rows of nb * w elements from `offset`, row r's b-th run of w into
+    bands[b][r]: one `preadv` per batch of rows, scattering straight into the bands (no staging
+    copy), batches read by the reading threads."""
+    bands = list(bands)
+    if any(not b.flags.c_contiguous or b.shape != bands[0].shape for b in bands):
+        raise ValueError("read_rows_into_bands fills C-contiguous arrays of one shape only")
+    flat = [b.view(np.uint8).reshape(b.shape[0], -1) for b in bands]
+    nb, rows = len(flat), flat[0].shape[0]
+    row_bytes = nb * flat[0].shape[1]
     per = max(1, min(_IOV_MAX // nb, _MAX_PART // max(row_bytes, 1)))
 
     def batch(r0: int) -> None:
-        views = [memoryview(flat[b, r]) for r in range(r0, min(r0 + per, rows)) for b in range(nb)]
+        views = [memoryview(f[r]) for r in range(r0, min(r0 + per, rows)) for f in flat]
         _read_vectors(fm, offset + r0 * row_bytes, views)
 
     list(_readers(os.getpid()).map(batch, range(0, rows, per)))
