@@ -207,11 +207,18 @@ def test_leaves_split_by_input_columns_are_read_once(tmp_path, monkeypatch):
         for shard in placed[name].addressable_shards:
             np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
     four = sharding.make_mesh((1, 2, 2), devices=jax.devices()[:4])
+    replicated = placement.place({"one": sd["l1"]}, {"one": NamedSharding(four, P(None, "tensor"))},
+                                 lambda path, leaf: leaf.dtype)["one"]  # two replicas of each part
+    assert scattered == [2, 2, 2, 2]
+    pointers = {s.data.unsafe_buffer_pointer() for s in replicated.addressable_shards}
+    assert len(pointers) == 4  # each device its own buffer
+    for shard in replicated.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), w[1][shard.index])
     assert placement._column_shares(sd["l0"], NamedSharding(four, P("fsdp", "tensor")), w[0].dtype) is None
     assert placement._column_shares(sd["l0"], shardings["one"], np.float32) is None
     cast = placement.place({"one": sd["l0"]}, {"one": shardings["one"]}, lambda path, leaf: np.float32)
     np.testing.assert_array_equal(np.asarray(cast["one"]), w[0].astype(np.float32))
-    assert scattered == [2, 2, 2]
+    assert scattered == [2, 2, 2, 2]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -328,8 +328,12 @@ def place_columns(leaf, sh, dtype, release: Release) -> jax.Array:
         fm, offset, _ = safetensors_io.file_span(src)
         safetensors_io.read_rows_into_bands(fm, offset, [hosts[c][layer] for c in cols])
         release([src])
-    placed = [jax.device_put(hosts[ix[-1].indices(shape[-1])[:2]] if stacked else hosts[ix[-1].indices(shape[-1])[:2]][0], device)
-              for device, ix in sh.devices_indices_map(shape).items()]
+    placed, taken = [], set()
+    for device, ix in sh.devices_indices_map(shape).items():
+        c = ix[-1].indices(shape[-1])[:2]
+        host = hosts[c] if c not in taken else host_copy(hosts[c], dtype)  # a replica: its own buffer
+        taken.add(c)
+        placed.append(jax.device_put(host if stacked else host[0], device))
     return jax.make_array_from_single_device_arrays(shape, sh, placed)
 
 
