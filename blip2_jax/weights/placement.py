@@ -248,8 +248,9 @@ def _place(tree, shardings, dtype_of, release, quantize, bands) -> dict:
         if nb > 1:
             out[path] = place_banded(leaf, flat_sh[path], dt, nb, release)
             continue
-        if _column_shares(leaf, flat_sh[path], dt) is not None:
-            out[path] = place_columns(leaf, flat_sh[path], dt, release)
+        cols = _column_shares(leaf, flat_sh[path], dt)
+        if cols is not None:
+            out[path] = place_columns(leaf, flat_sh[path], dt, cols, release)
             continue
         shard = functools.partial(_host_shard, leaf, dt, release)
         out[path] = jax.make_array_from_callback(tuple(leaf.shape), flat_sh[path], shard)
@@ -275,9 +276,9 @@ def place_banded(leaf, sh, dtype, nb: int, release: Release) -> streaming.Banded
         lo, hi, _ = index[-2].indices(o)
         host = aligned_empty((len(srcs), nb, hi - lo, ib), dtype)
         for out, src in zip(host, srcs):
-            span = safetensors_io.file_span(src[lo:hi]) if safetensors_io.can_read_spans else None
-            if span is not None and src.dtype == out.dtype and src.flags.c_contiguous:
-                safetensors_io.read_rows_into_bands(span[0], span[1], out)  # straight from the file
+            if _straight_read(src, out.dtype):  # straight from the file
+                fm, offset, _ = safetensors_io.file_span(src[lo:hi])
+                safetensors_io.read_rows_into_bands(fm, offset, out)
                 release([src])
                 continue
             for r in range(lo, hi, rows):  # a block of rows read once, then dealt out to the bands
@@ -315,14 +316,13 @@ def _column_shares(leaf, sh, dtype) -> list[tuple[int, int]] | None:
     return cols if len(cols) > 1 and len(widths) == 1 and tiled else None
 
 
-def place_columns(leaf, sh, dtype, release: Release) -> jax.Array:
-    """A leaf split by its input columns across devices (`_column_shares`): each layer's rows
-    are read once, scattered straight into every device's columns (`read_rows_into_bands`),
+def place_columns(leaf, sh, dtype, cols: list[tuple[int, int]], release: Release) -> jax.Array:
+    """A leaf split by its input columns `cols` across devices (`_column_shares`): each layer's
+    rows are read once, scattered straight into every device's columns (`read_rows_into_bands`),
     instead of each device reading the whole rows to keep its part."""
     stacked = isinstance(leaf, LayerStack)
     srcs = [np.asarray(x) for x in (leaf.layers if stacked else (leaf,))]
     shape = ((len(srcs),) if stacked else ()) + srcs[0].shape
-    cols = _column_shares(leaf, sh, dtype)
     hosts = {c: aligned_empty((len(srcs), shape[-2], c[1] - c[0]), dtype) for c in cols}
     for layer, src in enumerate(srcs):
         fm, offset, _ = safetensors_io.file_span(src)

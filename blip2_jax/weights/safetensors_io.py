@@ -208,9 +208,9 @@ def read_span(fm: FileMap, offset: int, out: np.ndarray) -> None:
     step = _part_bytes(len(view))
     parts = [(i, min(i + step, len(view))) for i in range(0, len(view), step)]
     if len(parts) == 1:
-        _read_part(fm, offset, view)
+        _read_vectors(fm, offset, [view])
     else:
-        list(_readers(os.getpid()).map(lambda p: _read_part(fm, offset + p[0], view[p[0]:p[1]]), parts))
+        list(_readers(os.getpid()).map(lambda p: _read_vectors(fm, offset + p[0], [view[p[0]:p[1]]]), parts))
 
 
 def read_rows_into_bands(fm: FileMap, offset: int, bands) -> None:
@@ -234,6 +234,8 @@ def read_rows_into_bands(fm: FileMap, offset: int, bands) -> None:
 
 
 def _read_vectors(fm: FileMap, offset: int, views: list[memoryview]) -> None:
+    """Consecutive file bytes from `offset` into `views` in order (`preadv`, going on after a
+    short read); a file that ends first is a one-line error."""
     done, i = 0, 0
     while i < len(views):
         n = os.preadv(fm.fd, views[i:], offset + done)
@@ -266,16 +268,6 @@ _MIN_PART, _MAX_PART = 1 << 20, 16 << 20
 def _readers(pid: int) -> concurrent.futures.ThreadPoolExecutor:
     """The reading threads of process `pid` (a forked child makes its own: threads do not fork)."""
     return concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="safetensors-read")
-
-
-def _read_part(fm: FileMap, offset: int, view: memoryview) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fm.fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise WeightsError(f"{fm.path}: ended at byte {offset + done} while reading a tensor: "
-                               "the file changed or was truncated while loading")
-        done += n
 
 
 can_read_spans = hasattr(os, "preadv")
