@@ -27,8 +27,8 @@ COLOUR_SHAPE_VQA = 50.0      # with stage 1, colour and shape questions together
 ITC_R1 = 50.0                # ITC R@1 both ways (%): 85-91; chance 1.6
 ITM_ACCURACY = 85.0          # ITM balanced accuracy on held-out hard negatives (%): 99.6; chance 50
 RERANK_WORST = -5.0          # ITM re-ranking minus ITC, each R@1 column (points): -1.6 to +4.7
-RERANK_MEAN = -1.6           # their mean: +3.0 to +4.4 on one machine, -0.1 on another; one of
-                             # the 64 scenes is 1.6 points (design 4, the defect guarded: -10)
+RERANK_MEAN = -1.6           # their mean: every column +3.0 to +4.7 on one machine, mean -0.1 on
+                             # another; one of the 64 scenes is 1.6 points (design 4's defect: -10)
 CIDER_OVER_BLIND = 150.0     # with and without stage 1: 275-316; blind 33
 CAPTION_WORDS_TRUE = 85.0    # colour and shape words of the captions that are true (%): 97-100; blind ~22
 
