@@ -28,6 +28,7 @@ def base(task: str, preset: str | None) -> ml_collections.ConfigDict:
     c.mesh_shape = (-1, 1, 1)          # (data, fsdp, tensor); -1 = the remaining devices
     c.max_batch_per_device = 4096      # validation: a larger global batch per device is refused
     c.peak_flops = 0.0                 # per device, for MFU; 0 = look up by device kind
+    c.log_mfu = True                   # MFU in the log (XLA's FLOP count of an unrolled trace)
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = preset            # blip2_jax/models/presets.py

@@ -90,16 +90,17 @@ def _train(config, workdir: str, mesh) -> dict:
         previous = signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("signal", s))
     rng0 = jax.random.key(int(config.seed))
     total, log_every = int(config.total_steps), int(config.log_every)
-    flops, peak = None, peak_flops_per_device(config)
+    flops, peak, compiled = None, peak_flops_per_device(config), False
     last, t_log, steps_since, step = {}, time.time(), 0, start
     try:
         for step in range(start, total):
             local = next(train_iter)
             batch = pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
             rng = jax.random.fold_in(rng0, step)
-            if flops is None:
+            if not compiled:
                 step_fn.lower(state, frozen, batch, rng).compile()  # the calls below reuse it
-                flops = _step_flops(config, batch)
+                compiled = True
+                flops = _step_flops(config, batch) if config.get("log_mfu", True) else None
                 wait_for_all_processes("blip2_compiled", int(config.distributed.initialization_timeout_s))
             state, metrics = step_fn(state, frozen, batch, rng)
             steps_since += 1

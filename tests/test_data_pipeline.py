@@ -205,3 +205,29 @@ def test_bench_script_runs():
     spec.loader.exec_module(bench)
     out = bench.main(["--images", "3", "--sizes", "32", "--skip_pipeline"])
     assert set(out[32]) >= {"train_transform", "eval_transform"} and out[32]["eval_transform"] > 0
+
+
+class _CountingSource:
+    """A source that counts how often each record is read."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, {}
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        self.reads[i] = self.reads.get(i, 0) + 1
+        return self.source[i]
+
+
+def test_cache_raw_reads_each_record_once_and_changes_no_batch(data_dir):
+    plain = _CountingSource(pipeline.load_source(_cfg(data_dir)))
+    cached = _CountingSource(pipeline.load_source(_cfg(data_dir)))
+    want = list(pipeline.make_iterator(_cfg(data_dir, num_epochs=3), source=plain))
+    got = list(pipeline.make_iterator(_cfg(data_dir, num_epochs=3, cache_raw=True), source=cached))
+    assert len(got) == len(want) == 24  # 3 epochs of 64 scenes in batches of 8
+    for a, b in zip(got, want):
+        _same(a, b)
+    assert set(plain.reads.values()) == {3} and set(cached.reads.values()) == {1}
+    assert len(cached.reads) == 64

@@ -332,3 +332,63 @@ def test_binding_accuracy_compares_each_scene_with_its_swapped_twin(prefers_trut
     got = probes.binding_accuracy(judge, feats, objects, max_text_len=8)
     expected = 100.0 if prefers_truth else 0.0
     assert got == {"itc": expected, "itm": expected, "pairs": 2}
+
+
+def test_lm_steps_scanned_per_call_equal_one_step_a_call():
+    """The LM tower's `steps_per_call`: the same batches in the same order, the same updates."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from blip2_jax.miniature import unimodal
+    from blip2_jax.models.configs import OPTConfig
+    from blip2_jax.models.opt import OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=32, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                    max_position_embeddings=16, word_embed_proj_dim=16, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=2)
+    model = OPTForCausalLM(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32), method=unimodal._embed_and_decode)
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params["params"],
+                          is_leaf=lambda x: hasattr(x, "value"))
+    rng = np.random.default_rng(0)
+    batches = [{"ids": rng.integers(3, 32, (4, 12)).astype(np.int32)} for _ in range(7)]
+    for b in batches:
+        b["labels"] = np.where(rng.random(b["ids"].shape) < 0.8, b["ids"], unimodal.IGNORE).astype(np.int32)
+    outs = []
+    for per_call in (1, 3):  # 3: two calls of 3 steps, then a tail of one
+        it = iter(batches)
+        seen = []
+        p, loss = unimodal.train_lm(model, optax.adamw(1e-2), params, lambda: next(it), 7, per_call,
+                                    lambda done, total: seen.append(done))
+        outs.append((p, float(loss)))
+        assert seen[-1] == 7 and next(it, None) is None
+    (p1, l1), (p3, l3) = outs
+    assert l1 == pytest.approx(l3, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p3)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(jax.tree.leaves(p1)[0]), np.asarray(jax.tree.leaves(params)[0]))
+
+
+def test_a_training_phase_stopped_by_a_signal_is_not_recorded_as_done(tmp_path, monkeypatch):
+    """The trainer stops on SIGTERM after saving the step it reached and returns: the phase must
+    end the run with one line instead of being recorded (a rerun then resumes it)."""
+    import ml_collections
+
+    from blip2_jax import main
+    from blip2_jax.miniature import pipeline
+
+    def stopped_at_49(config, workdir):
+        os.makedirs(os.path.join(workdir, "checkpoints", "49"), exist_ok=True)
+        os.makedirs(os.path.join(workdir, "checkpoints", "50.orbax-checkpoint-tmp-1"), exist_ok=True)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write('{"loss": 1.0}\n')
+        return {"loss": 1.0}
+    monkeypatch.setattr(main, "train", stopped_at_49)
+    phase = pipeline.Phase("[5/10]", "stage 1: ITC + ITM + ITG", 1800, live=False)
+    config = ml_collections.ConfigDict({"total_steps": 1800})
+    with pytest.raises(SystemExit, match=r"stage 1: ITC \+ ITM \+ ITG stopped at step 49 of 1800"):
+        pipeline.train_phase(phase, config, str(tmp_path))
+    os.makedirs(tmp_path / "checkpoints" / "1800")
+    assert pipeline.train_phase(phase, config, str(tmp_path)) == {"loss": 1.0, "first_loss": 1.0}

@@ -17,9 +17,10 @@
    (min_new_tokens = max_new_tokens, so both sides generate exactly 20).
    Ours starts with an empty persistent compilation cache; a second process of ours then loads
    and captions with the cache the first one filled (first caption against the next).
-4. Prints both sides side by side with ratios, and each of our phases as a fraction of its
-   roofline: decoding max(bytes read / bandwidth, FLOPs / peak); image side and prefill FLOPs /
-   peak (FLOPs from XLA's cost analysis of our programs, bytes from the parameter tree).
+4. Prints each figure to stderr as it is measured, then both sides side by side with ratios,
+   and each of our phases as a fraction of its roofline: decoding max(bytes read / bandwidth,
+   FLOPs / peak); image side and prefill FLOPs / peak (FLOPs from XLA's cost analysis of our
+   programs, bytes from the parameter tree).
 `--int8`: also our int8 weight-only row.
 `--device gpu`: both sides on the GPU (JAX's CUDA platform without up-front memory reservation,
 PyTorch's cuda device), the limits measured there (a reduction over 4 GiB, an 8192^3 matmul),
@@ -76,7 +77,13 @@ d, dtype, quant = sys.argv[1], sys.argv[2], sys.argv[3]
 N, PROMPT = int(sys.argv[4]), sys.argv[5]
 def rss(): return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-out = {"import_s": time.perf_counter() - t_start, "rss_before_load": rss()}
+class Progress(dict):  # each figure on stderr as it is measured: a run cut short still shows them
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        if k != "ids":
+            print(f"[{WHO}] {k}: {v if not isinstance(v, float) else round(v, 4)}", file=sys.stderr, flush=True)
+WHO = "blip2_jax " + quant
+out = Progress(import_s=time.perf_counter() - t_start, rss_before_load=rss())
 # pages the process never had: what loading must fill (before loading, so that this 1 GiB is
 # not on top of the weights in the process's peak RSS)
 # (4 KiB pages, as loading fills them: placement.small_pages)
@@ -181,7 +188,13 @@ dev = sys.argv[5] if len(sys.argv) > 5 else "cpu"
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 def rss(): return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
-out = {"import_s": time.perf_counter() - t_start, "rss_before_load": rss(), "threads": torch.get_num_threads()}
+class Progress(dict):  # each figure on stderr as it is measured: a run cut short still shows them
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        if k != "ids":
+            print(f"[{WHO}] {k}: {v if not isinstance(v, float) else round(v, 4)}", file=sys.stderr, flush=True)
+WHO = "transformers"
+out = Progress(import_s=time.perf_counter() - t_start, rss_before_load=rss(), threads=torch.get_num_threads())
 t = time.perf_counter()
 model = Blip2ForConditionalGeneration.from_pretrained(d, dtype=getattr(torch, dtype)).eval().to(dev)
 proc = Blip2Processor.from_pretrained(d)
@@ -258,6 +271,12 @@ x = torch.ones(elements, device=dev)
 out = {"bandwidth": x.numel() * 4 / best(lambda: x.sum())}
 del x
 for dt in () if one_core else ("bfloat16", "float32"):
+    m = 256  # a probe first: without AVX-512 BF16 or AMX, PyTorch's bfloat16 CPU matmul is a
+    a = torch.randn(m, m, dtype=getattr(torch, dt), device=dev)  # loop at ~1 GFLOP/s (minutes at n)
+    probe = 2 * m**3 / best(lambda: a @ a, 2)
+    if probe < 20e9 and dev == "cpu":
+        out[f"peak_{dt}"] = probe
+        continue
     a = torch.randn(n, n, dtype=getattr(torch, dt), device=dev)
     out[f"peak_{dt}"] = 2 * n**3 / best(lambda: a @ a)
 print(json.dumps(out))
@@ -573,6 +592,11 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
               f"of one core's ({lim['bandwidth_one_core'] / 1e9:.1f} GB/s, same run)")
 
 
+def _progress(what: str, figures: dict) -> None:
+    """A measured phase on stderr at once (the report comes at the end)."""
+    print(f"[{what}] " + ", ".join(f"{k}: {v:.4g}" for k, v in figures.items()), file=sys.stderr, flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="full-opt-2.7b", choices=sorted(CONFIGS))
@@ -601,12 +625,19 @@ def main():
     cfg = json.loads((d / "config.json").read_text())  # checkpoints cached before the processor fix
     processor_side_files(d, cfg["vision_config"]["image_size"], cfg["num_query_tokens"])
     lim = limits(args.torch_python)
+    slow = lim["torch"][f"peak_{args.dtype}"] if args.dtype == "bfloat16" and DEVICE == "cpu" else None
+    if slow is not None and slow < 0.05 * lim["torch"]["peak_float32"]:
+        sys.exit(f"error: PyTorch's bfloat16 matmul runs at {slow / 1e9:.1f} GFLOP/s on this CPU against "
+                 f"{lim['torch']['peak_float32'] / 1e9:.0f} in float32 (no AVX-512 BF16 or AMX), so transformers' "
+                 f"side would take hours; use --dtype float32, or a CPU with bfloat16 units")
     if args.train:
         figures = run_train(args, str(d), lim)
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({"limits": lim, **figures}, indent=1))
         return
+    _progress("limits", {k: v for k, v in lim.items() if not isinstance(v, dict)})
     lim.update(run_fill(str(d)))
+    _progress("loading's limit", {k: lim[k] for k in ("fill_bytes", "fill_s")})
     with tempfile.TemporaryDirectory() as cache_dir:  # an empty compilation cache: compile included
         ours = run_ours(str(d), args.dtype, "none", cache_dir)
         ours["restart"] = run_restart(str(d), args.dtype, cache_dir)

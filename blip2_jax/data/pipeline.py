@@ -68,6 +68,8 @@ def default_input_config() -> ml_collections.ConfigDict:
     c.data_dir = None                # TFDS data_dir (None: TFDS's default folder)
     c.manual_dir = None              # raw files of real corpora (see each builder's layout)
     c.prepare = True                 # build the dataset when it is not there yet
+    c.cache_raw = False              # keep each record read in memory (small datasets: later
+                                     # epochs skip reading and deserialising, `RawCache`)
     c.train = True                   # train: shuffle, repeat, augment, drop the remainder
     c.batch_size = 64                # global, split evenly over processes
     c.image_size = 224               # 224 pre-training; 364 captioning/retrieval; 490 VQA
@@ -349,6 +351,28 @@ def load_source(cfg: ml_collections.ConfigDict):
                                   decoders={"image": tfds.decode.SkipDecoding()})
 
 
+class RawCache:
+    """A random-access source that keeps each record the first time it is read (big_vision's
+    `cache_raw`): for datasets that fit in memory and are read for many epochs. Records are
+    shared, not copied: the example processor only reads them."""
+
+    def __init__(self, source):
+        self.source = source
+        self.records: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        rec = self.records.get(i)
+        if rec is None:
+            rec = self.records[i] = self.source[i]
+        return rec
+
+    def __repr__(self) -> str:
+        return f"RawCache({self.source!r})"
+
+
 def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
                  process_count: int | None = None, source=None) -> grain.IterDataset:
     """The grain dataset of this process's local batches (see the module docstring)."""
@@ -359,6 +383,8 @@ def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = 
                          f"{process_count} processes")
     local_batch = cfg.batch_size // process_count
     source = load_source(cfg) if source is None else source
+    if cfg.get("cache_raw", False):
+        source = RawCache(source)
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if cfg.train:
         if cfg.shuffle:

@@ -231,12 +231,22 @@ def train_phase(phase: Phase, config, workdir: str) -> dict:
     finally:
         stop.set()
         watcher.join()
+    reached = last_checkpoint_step(workdir)
+    if reached < int(config.total_steps):  # stopped by a signal: never recorded as done
+        raise SystemExit(f"error: {phase.label} stopped at step {reached} of {int(config.total_steps)} "
+                         "(interrupted); run the same command again to resume it")
     phase.update(int(config.total_steps))
     out = {k: float(v) for k, v in last.items() if k.endswith("loss") or k == "temperature"}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         first = json.loads(f.readline())
     out.update({f"first_{k}": float(v) for k, v in first.items() if k.endswith("loss")})
     return out
+
+
+def last_checkpoint_step(workdir: str) -> int:
+    """The step of the newest finished checkpoint under `workdir`/checkpoints (0: none)."""
+    d = os.path.join(workdir, "checkpoints")
+    return max((int(n) for n in (os.listdir(d) if os.path.isdir(d) else []) if n.isdigit()), default=0)
 
 
 class _CountingPredictor:

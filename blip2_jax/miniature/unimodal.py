@@ -375,6 +375,29 @@ def _lm_loss(model, params, ids, labels):
     return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def train_lm(model, tx, params, next_batch: Callable[[], dict], total: int, per_call: int = 1,
+             progress: Progress | None = None):
+    """`total` AdamW steps of the LM loss on `next_batch()` batches ({"ids", "labels"}),
+    `per_call` of them per jitted call (a scan over their stacked batches; a shorter tail one a
+    call) -> (params, the last step's loss)."""
+    def step(carry, batch):
+        params, opt_state, _ = carry
+        loss, grads = jax.value_and_grad(lambda p: _lm_loss(model, p, *batch))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, loss), None
+
+    steps = jax.jit(lambda carry, ids, labels: jax.lax.scan(step, carry, (ids, labels))[0])
+    carry, done = (params, tx.init(params), jnp.float32(0)), 0
+    while done < total:
+        k = per_call if total - done >= per_call else 1
+        bs = [next_batch() for _ in range(k)]
+        carry = steps(carry, np.stack([b["ids"] for b in bs]), np.stack([b["labels"] for b in bs]))
+        done += k
+        if progress:
+            progress(done, total)
+    return carry[0], carry[2]
+
+
 def pretrain_lm(cfg, train: dict, val: dict, tok, out_dir: str, progress: Progress | None = None) -> dict:
     """Trains the tiny OPT on text only; saves an OPTForCausalLM directory (weights, config,
     the tokenizer already written there). Returns the validation loss per document kind."""
@@ -386,20 +409,11 @@ def pretrain_lm(cfg, train: dict, val: dict, tok, out_dir: str, progress: Progre
     params = sharding.unbox(jax.jit(lambda r: model.init(r, ids, method=_embed_and_decode))(
         jax.random.key(cfg.seed + 1))["params"])
     tx = optim.make_optimizer(tc.optim, params)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, ids, labels):
-        loss, grads = jax.value_and_grad(lambda p: _lm_loss(model, p, ids, labels))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
     mix = dict(tc.mix)
-    for i in range(int(tc.steps)):
-        b = lm_batch(train, mix, tok, int(tc.batch_size), int(tc.max_len), rng, int(tc.max_questions))
-        params, opt_state, loss = step(params, opt_state, b["ids"], b["labels"])
-        if progress:
-            progress(i + 1, int(tc.steps))
+    params, loss = train_lm(
+        model, tx, params, lambda: lm_batch(train, mix, tok, int(tc.batch_size), int(tc.max_len), rng,
+                                            int(tc.max_questions)),
+        int(tc.steps), int(tc.get("steps_per_call", 1)), progress)
     eval_fn = jax.jit(lambda p, i, l: _lm_loss(model, p, i, l))
     vrng = np.random.default_rng(0)
     val_loss = {k: float(eval_fn(params, **_renamed(lm_batch(val, {k: 1.0}, tok, 128, int(tc.max_len), vrng,
