@@ -34,6 +34,10 @@ class Checkpointer:
         args["data"] = ocp.args.JsonSave(_jsonable(data_state))
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
+    def due(self, step: int) -> bool:
+        """Whether the interval saves at `step`."""
+        return bool(self.manager.should_save(step))
+
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, Any]:
         """Restores into the shardings of `abstract_state` (a pytree of ShapeDtypeStruct with
         `.sharding`), so a checkpoint written on one mesh restores on another."""

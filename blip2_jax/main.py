@@ -92,6 +92,9 @@ def _train(config, workdir: str, mesh) -> dict:
     total, log_every = int(config.total_steps), int(config.log_every)
     flops, peak, compiled = None, peak_flops_per_device(config), False
     last, t_log, steps_since, step = {}, time.time(), 0, start
+    # A step's loss is read after the next step is queued: reading it at once would make the
+    # host wait for each step before loading the next batch.
+    pending = None
     try:
         for step in range(start, total):
             local = next(train_iter)
@@ -104,11 +107,14 @@ def _train(config, workdir: str, mesh) -> dict:
                 wait_for_all_processes("blip2_compiled", int(config.distributed.initialization_timeout_s))
             state, metrics = step_fn(state, frozen, batch, rng)
             steps_since += 1
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                raise TrainingHalted(f"non-finite loss {loss} at step {step + 1}; the last good checkpoint "
-                                     f"(step {ckpt.latest_step()}) is kept")
+            if pending is not None:  # the previous step's loss, read once this one is queued
+                _check_finite(*pending, ckpt)
             done = step + 1
+            pending = (done, metrics)
+            stopping = stop["signal"] is not None or _preempted(done)
+            if done % log_every == 0 or done == total or stopping or evals.due(done) or ckpt.due(done):
+                _check_finite(*pending, ckpt)  # never logged, evaluated or saved unchecked
+                pending = None
             if done % log_every == 0 or done == total:
                 dt = (time.time() - t_log) / steps_since
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -121,7 +127,7 @@ def _train(config, workdir: str, mesh) -> dict:
                 writer.write(done, {name: value})
                 last[name] = value
             ckpt.save(done, state, _data_state(train_iter, ckpt, done, done == total), force=done == total)
-            if stop["signal"] is not None or _preempted(done):
+            if stopping:
                 if ckpt.latest_step() != done:  # orbax itself saves at a preemption sync point
                     ckpt.save(done, state, _data_state(train_iter, ckpt, done, True), force=True)
                 logging.warning("stopping on signal at step %d after a final save", done)
@@ -215,6 +221,16 @@ def _write_config(config, workdir: str) -> None:
         path = epath.Path(workdir)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def _check_finite(step: int, metrics: dict, ckpt) -> None:
+    """Halts training on a non-finite loss at `step` (its state is never saved)."""
+    import numpy as np
+
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise TrainingHalted(f"non-finite loss {loss} at step {step}; the last good checkpoint "
+                             f"(step {ckpt.latest_step()}) is kept")
 
 
 def _data_state(train_iter, ckpt, step: int, force: bool):

@@ -25,6 +25,10 @@ class Evaluators:
     def __init__(self, runs: list[tuple[str, int, Any]]):
         self.runs = runs
 
+    def due(self, step: int) -> bool:
+        """Whether any evaluation runs at `step`."""
+        return any(every and step % every == 0 for _, every, _ in self.runs)
+
     def run_due(self, step: int, trainable, frozen) -> Iterator[tuple[str, float]]:
         for prefix, every, evaluator in self.runs:
             if every and step % every == 0:
