@@ -341,6 +341,7 @@ def test_lm_steps_scanned_per_call_equal_one_step_a_call():
     import numpy as np
     import optax
 
+    from blip2_jax import sharding
     from blip2_jax.miniature import unimodal
     from blip2_jax.models.configs import OPTConfig
     from blip2_jax.models.opt import OPTForCausalLM
@@ -349,9 +350,8 @@ def test_lm_steps_scanned_per_call_equal_one_step_a_call():
                     max_position_embeddings=16, word_embed_proj_dim=16, pad_token_id=1, bos_token_id=2,
                     eos_token_id=2)
     model = OPTForCausalLM(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32), method=unimodal._embed_and_decode)
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params["params"],
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = sharding.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
+                                       method=unimodal._embed_and_decode)["params"])
     rng = np.random.default_rng(0)
     batches = [{"ids": rng.integers(3, 32, (4, 12)).astype(np.int32)} for _ in range(7)]
     for b in batches:
