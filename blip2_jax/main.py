@@ -47,7 +47,6 @@ def train(config, workdir: str) -> dict:
 
 def _train(config, workdir: str, mesh) -> dict:
     import jax
-    import numpy as np
 
     from blip2_jax import checkpoint as ckpt_lib
     from blip2_jax import metric_writer
@@ -112,10 +111,11 @@ def _train(config, workdir: str, mesh) -> dict:
             done = step + 1
             pending = (done, metrics)
             stopping = stop["signal"] is not None or _preempted(done)
-            if done % log_every == 0 or done == total or stopping or evals.due(done) or ckpt.due(done):
+            logged = done % log_every == 0 or done == total
+            if logged or stopping or evals.due(done) or ckpt.due(done):
                 _check_finite(*pending, ckpt)  # never logged, evaluated or saved unchecked
                 pending = None
-            if done % log_every == 0 or done == total:
+            if logged:
                 dt = (time.time() - t_log) / steps_since
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 last.update(_throughput(config, dt, flops, peak, total - done))

@@ -66,7 +66,18 @@ def _child(cmd: list[str], env: dict, what: str) -> dict:
     return json.loads(lines[-1])
 
 
-OURS = r'''
+# The start of a side's child: its figures go in `out`, a dict that prints each to stderr as it
+# is set (a run cut short still shows them; `WHO` names the side).
+PROGRESS = r'''
+import sys
+class Progress(dict):
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        if k != "ids":
+            print(f"[{WHO}] {k}: {v if not isinstance(v, float) else round(v, 4)}", file=sys.stderr, flush=True)
+'''
+
+OURS = PROGRESS + r'''
 import json, os, resource, sys, time
 t_start = time.perf_counter()
 import jax, jax.numpy as jnp, numpy as np
@@ -77,11 +88,6 @@ d, dtype, quant = sys.argv[1], sys.argv[2], sys.argv[3]
 N, PROMPT = int(sys.argv[4]), sys.argv[5]
 def rss(): return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-class Progress(dict):  # each figure on stderr as it is measured: a run cut short still shows them
-    def __setitem__(self, k, v):
-        super().__setitem__(k, v)
-        if k != "ids":
-            print(f"[{WHO}] {k}: {v if not isinstance(v, float) else round(v, 4)}", file=sys.stderr, flush=True)
 WHO = "blip2_jax " + quant
 out = Progress(import_s=time.perf_counter() - t_start, rss_before_load=rss())
 # pages the process never had: what loading must fill (before loading, so that this 1 GiB is
@@ -173,7 +179,7 @@ if jax.devices()[0].platform != "cpu" and "peak_bytes_in_use" in stats:
 print(json.dumps(out), flush=True)
 '''
 
-THEIRS = r'''
+THEIRS = PROGRESS + r'''
 import json, sys, time
 t_start = time.perf_counter()
 import numpy as np, torch
@@ -188,11 +194,6 @@ dev = sys.argv[5] if len(sys.argv) > 5 else "cpu"
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 def rss(): return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
-class Progress(dict):  # each figure on stderr as it is measured: a run cut short still shows them
-    def __setitem__(self, k, v):
-        super().__setitem__(k, v)
-        if k != "ids":
-            print(f"[{WHO}] {k}: {v if not isinstance(v, float) else round(v, 4)}", file=sys.stderr, flush=True)
 WHO = "transformers"
 out = Progress(import_s=time.perf_counter() - t_start, rss_before_load=rss(), threads=torch.get_num_threads())
 t = time.perf_counter()
