@@ -34,6 +34,7 @@ from blip2_jax.data import text as text_lib
 from blip2_jax.data.tokenizers import Tokenizer, load_tokenizer, require_tokenizer_files
 from blip2_jax.generation import GenerationOptions
 from blip2_jax.models.blip2 import Blip2
+from blip2_jax.models import streaming
 from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
 from blip2_jax.models.qformer import itc_similarity as _itc_similarity
 from blip2_jax.preprocess import InputError
@@ -159,15 +160,15 @@ class Predictor:
         # a mesh may span all processes (evaluators) or only this one's devices (annotation)
         self.mesh_processes = len({d.process_index for d in self.mesh.devices.flat})
         self.row_multiple = max(1, batch_devices // self.mesh_processes)
-        m = model
-        self._soft_prompts = jax.jit(functools.partial(generation.soft_prompts, m))
-        self._generate = jax.jit(functools.partial(generation.generate_tokens, m),
+        m, serve = model, streaming.serving_products  # inference only: see its docstring
+        self._soft_prompts = jax.jit(serve(functools.partial(generation.soft_prompts, m)))
+        self._generate = jax.jit(serve(functools.partial(generation.generate_tokens, m)),
                                  static_argnames=("options", "decoder_start_token_id"))
-        self._log_likelihood = jax.jit(functools.partial(generation.log_likelihood, m))
-        self._image_side = jax.jit(functools.partial(_image_side, m))
-        self._text_side = jax.jit(functools.partial(_text_side, m))
-        self._itm = jax.jit(functools.partial(_itm_logits, m))
-        self._itm_bank = jax.jit(functools.partial(_itm_bank_logits, m))
+        self._log_likelihood = jax.jit(serve(functools.partial(generation.log_likelihood, m)))
+        self._image_side = jax.jit(serve(functools.partial(_image_side, m)))
+        self._text_side = jax.jit(serve(functools.partial(_text_side, m)))
+        self._itm = jax.jit(serve(functools.partial(_itm_logits, m)))
+        self._itm_bank = jax.jit(serve(functools.partial(_itm_bank_logits, m)))
         self._bank = None
 
     def set_params(self, params) -> None:
@@ -584,7 +585,6 @@ def split_kernels(shardings: dict, mesh) -> dict:
     """On a mesh of host devices split along "tensor" only (`streaming.split_mesh`), each
     language-model kernel [..., out, in] is placed split by output channel, as a decoding step's
     products stream their shares (`streaming.per_device`); other meshes: `shardings` as given."""
-    from blip2_jax.models import streaming
 
     if streaming.split_mesh(mesh) is None:
         return shardings
@@ -603,7 +603,6 @@ def _band_rule(mesh):
     channel over host devices, `split_kernels`), the language model's
     [out, in] kernels (each layer's, when stacked) whose inputs a streamed decoding step reads in
     blocks (`streaming.Banded`)."""
-    from blip2_jax.models import streaming
 
     one = mesh.devices.size == 1 or streaming.split_mesh(mesh) is not None
     if not one or jax.default_backend() != "cpu" or not streaming.applies(1, jnp.bfloat16):

@@ -182,3 +182,56 @@ def test_products_split_over_host_devices_equal_one_devices(rows):
                     got = np.asarray(jax.jit(f)(x))
                 assert ("shard_map" in text) == splits, (name, mesh.shape)
                 np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def _dot_operand_dtypes(fn, *args) -> set[str]:
+    """The operand dtypes of every dot_general in fn's program (nested jits and loops included)."""
+    from jax.extend import core
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.update(str(v.aval.dtype) for v in eqn.invars)
+            for sub in core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_serving_runs_half_products_in_float32_on_cpus_without_half_units(tmp_path, monkeypatch):
+    """/proc/cpuinfo's flags decide (x86 AVX-512 BF16 or AMX, aarch64 bf16); inside
+    `serving_products` a many-row bfloat16 product (a plain kernel, a layer of a stack, input
+    bands) then multiplies float32 operands and returns the same values to bfloat16 rounding;
+    outside it (training) and with BLIP2_JAX_CPU_HALF_PRODUCTS=half it stays bfloat16."""
+    has = streaming.cpu_has_half_units.__wrapped__
+    for text, want in (("flags\t\t: fpu sse avx2 fma\n", False), ("flags\t: avx2 avx512f avx512_bf16\n", True),
+                       ("flags\t: avx2 amx_tile amx_bf16\n", True), ("Features\t: fp asimd bf16 i8mm\n", True),
+                       ("Features\t: fp asimd\n", False)):
+        (tmp_path / "cpuinfo").write_text("processor\t: 0\n" + text)
+        assert has(str(tmp_path / "cpuinfo")) is want, text
+    assert has(str(tmp_path / "absent")) is True
+    rng = np.random.default_rng(2)
+    stack = _stack(rng, (2, 300, 256), jnp.bfloat16)
+    banded = streaming.Banded(jnp.stack([stack[:, :, :128], stack[:, :, 128:]], axis=1))
+    x = jnp.asarray(rng.standard_normal((6, 256)), jnp.bfloat16)
+
+    def products(x, stack, banded):
+        return (layers.linear(x, stack[0], jnp.bfloat16, transposed=True),
+                layers.layer_linear(x, streaming.LayerOf(stack, jnp.int32(1)), jnp.bfloat16),
+                layers.layer_linear(x, streaming.LayerOf(banded, jnp.int32(1)), jnp.bfloat16))
+
+    want = [np.asarray(x, np.float64) @ np.asarray(stack[i], np.float64).T for i in (0, 1, 1)]
+    with streaming.streaming(True):
+        monkeypatch.setenv(streaming.HALF_ENV, "float32")
+        assert _dot_operand_dtypes(streaming.serving_products(products), x, stack, banded) == {"float32"}
+        assert _dot_operand_dtypes(products, x, stack, banded) == {"bfloat16"}
+        for got, w in zip(jax.jit(streaming.serving_products(products))(x, stack, banded), want):
+            assert got.dtype == jnp.bfloat16
+            np.testing.assert_allclose(np.asarray(got, np.float64), w, rtol=2 ** -7, atol=1e-2)
+        monkeypatch.setenv(streaming.HALF_ENV, "half")
+        assert _dot_operand_dtypes(streaming.serving_products(products), x, stack, banded) == {"bfloat16"}
+        monkeypatch.setenv(streaming.HALF_ENV, "fast")
+        with pytest.raises(ValueError, match=streaming.HALF_ENV):
+            streaming.serving_products(products)(x, stack, banded)

@@ -22,6 +22,8 @@
    FLOPs / peak); image side and prefill FLOPs / peak (FLOPs from XLA's cost analysis of our
    programs, bytes from the parameter tree).
 `--int8`: also our int8 weight-only row.
+`--torch-dtype float32` (with `--dtype bfloat16`): transformers in float32, its fastest on a CPU
+without bfloat16 units (where its bfloat16 matmul is a plain loop), against ours in bfloat16.
 `--device gpu`: both sides on the GPU (JAX's CUDA platform without up-front memory reservation,
 PyTorch's cuda device), the limits measured there (a reduction over 4 GiB, an 8192^3 matmul),
 and each side's peak device memory beside its RSS; about 3 minutes on an H200, plus ~1.5 to
@@ -523,9 +525,10 @@ def roofline(ours: dict, lim: dict, dtype: str) -> dict:
     return out
 
 
-def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: dict) -> None:
+def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: dict, torch_dtype: str) -> None:
     gb = 1e9
-    print(f"# {name}, {dtype}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+    dtypes = dtype if torch_dtype == dtype else f"ours {dtype}, transformers {torch_dtype}"
+    print(f"# {name}, {dtypes}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; ours on {CORES} host device(s)")
     print(f"# limits (same run): read bandwidth {lim['bandwidth'] / gb:.1f} GB/s; matmul peak bf16 "
           f"{lim['peak_bfloat16'] / gb:.0f}, f32 {lim['peak_float32'] / gb:.0f} GFLOP/s "
@@ -605,6 +608,8 @@ def main():
     p.add_argument("--config", default="full-opt-2.7b", choices=sorted(CONFIGS))
     p.add_argument("--torch-python", required=True, help="a Python interpreter with torch + transformers")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--torch-dtype", choices=("bfloat16", "float32"),
+                   help="transformers' dtype where it differs from ours (default: --dtype)")
     p.add_argument("--device", default="cpu", choices=sorted(DEVICES),
                    help="where both sides run (gpu: JAX's CUDA platform, PyTorch's cuda device)")
     p.add_argument("--checkpoint", help="the checkpoint folder (default: the cache folder; written if absent)")
@@ -628,11 +633,13 @@ def main():
     cfg = json.loads((d / "config.json").read_text())  # checkpoints cached before the processor fix
     processor_side_files(d, cfg["vision_config"]["image_size"], cfg["num_query_tokens"])
     lim = limits(args.torch_python)
-    slow = lim["torch"][f"peak_{args.dtype}"] if args.dtype == "bfloat16" and DEVICE == "cpu" else None
+    torch_dtype = args.torch_dtype or args.dtype
+    slow = lim["torch"][f"peak_{torch_dtype}"] if torch_dtype == "bfloat16" and DEVICE == "cpu" else None
     if slow is not None and slow < 0.05 * lim["torch"]["peak_float32"]:
         sys.exit(f"error: PyTorch's bfloat16 matmul runs at {slow / 1e9:.1f} GFLOP/s on this CPU against "
                  f"{lim['torch']['peak_float32'] / 1e9:.0f} in float32 (no AVX-512 BF16 or AMX), so transformers' "
-                 f"side would take hours; use --dtype float32, or a CPU with bfloat16 units")
+                 f"side would take hours; use --torch-dtype float32 (or --dtype float32), or a CPU with "
+                 f"bfloat16 units")
     if args.train:
         figures = run_train(args, str(d), lim)
         if args.json:
@@ -644,15 +651,16 @@ def main():
     with tempfile.TemporaryDirectory() as cache_dir:  # an empty compilation cache: compile included
         ours = run_ours(str(d), args.dtype, "none", cache_dir)
         ours["restart"] = run_restart(str(d), args.dtype, cache_dir)
-    theirs = run_theirs(args.torch_python, str(d), args.dtype)
+    theirs = run_theirs(args.torch_python, str(d), torch_dtype)
     extra = {"blip2_jax int8": run_ours(str(d), args.dtype, "int8")} if args.int8 else {}
     lim_after = limits(args.torch_python)
     lim = {k: max(lim[k], lim_after[k]) for k in ("bandwidth", "peak_bfloat16", "peak_float32", "bandwidth_one_core")
            if k in lim} | {
         "jax": lim["jax"], "torch": lim["torch"], "fill_bytes": lim["fill_bytes"], "fill_s": lim["fill_s"]}
-    report(args.config, args.dtype, lim, ours, theirs, extra)
+    report(args.config, args.dtype, lim, ours, theirs, extra, torch_dtype)
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"limits": lim, "ours": ours, "theirs": theirs, **extra}, indent=1))
+        pathlib.Path(args.json).write_text(json.dumps({"limits": lim, "ours": ours, "theirs": theirs,
+                                                     "torch_dtype": torch_dtype, **extra}, indent=1))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,10 @@ def linear(x: Array, kernel: Array, dtype: Dtype, transposed: bool = False,
     if transposed and kernel.ndim == 2 and streaming.applies(rows, kernel.dtype):
         return streaming.per_device(streaming.streaming_dot, x.astype(dtype), kernel.astype(dtype)).astype(out_dtype)
     dims = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
+    compute = streaming.product_dtype(dtype)
+    if compute != dtype:  # serving on a CPU without half-precision units
+        y = jax.lax.dot_general(x.astype(compute), kernel.astype(compute), dims, precision=precision(compute))
+        return y.astype(out_dtype)
     if jnp.dtype(dtype).itemsize == 2 and jnp.dtype(out_dtype) == jnp.float32:
         return half_dot_f32(x.astype(dtype), kernel.astype(dtype), dims)
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision(dtype),
@@ -211,10 +215,12 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None, bias: Arr
     (True = may attend); bias: additive float, broadcastable to [B, H, Tq, Tk].
     `scale` defaults to D**-0.5 (T5 passes 1.0). Returns [B, Tq, H, D] in q's dtype.
     """
+    out_dtype, compute = q.dtype, streaming.product_dtype(v.dtype)  # float32 on CPUs without bf16
+    q, k, v = (a.astype(compute) for a in (q, k, v))
     prec = precision(q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=prec, preferred_element_type=jnp.float32)
     probs = attention_probs(logits, q.shape[-1], mask, bias, scale).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=prec)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=prec).astype(out_dtype)
 
 
 def attention_probs(logits: Array, head_dim: int, mask: Array | None = None, bias: Array | None = None,

@@ -26,6 +26,11 @@ as `LayerOf(stack, index)` and the products cut their chunks straight out of the
 takes, `stacked_dot` runs XLA's dot on larger chunks of the stack; from COPY_ROWS rows (prefill)
 the layer's kernel is copied for one product, which is faster there.
 
+CPUs without half-precision units (x86 without AVX-512 BF16 or AMX): XLA's bfloat16 products
+run slower there than its float32 ones, conversion included (2 cores of an AVX2-only EPYC:
+1.2-1.8x at 8-384 rows), so serving's many-row products run in float32 (`serving_products`,
+`product_dtype`); one-row streaming converts in registers either way.
+
 Both cores: XLA's CPU runtime runs one device's products one after another on one thread. On a
 mesh of host devices whose one split axis is "tensor" (`split_mesh`), each streamed product is
 `per_device`: every device streams its share of the output channels (the weights are placed
@@ -38,6 +43,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 import jax
@@ -81,6 +87,55 @@ def applies(rows: int, weight_dtype) -> bool:
     if jnp.issubdtype(dt, jnp.floating):
         return rows <= FLOAT_ROWS
     return rows <= (INT8_ROWS if dt.itemsize == 1 and dt.name != "int4" else INT4_ROWS)
+
+
+HALF_ENV = "BLIP2_JAX_CPU_HALF_PRODUCTS"  # auto (default) | half | float32
+_F32_PRODUCTS = contextvars.ContextVar("blip2_jax_f32_products", default=False)
+_HALF_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; aarch64's Features
+
+
+@functools.cache
+def cpu_has_half_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 natively (where /proc/cpuinfo is unreadable: assumed)."""
+    try:
+        text = open(cpuinfo).read()
+    except OSError:
+        return True
+    words = {w for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for w in line.split(":", 1)[1].split()}
+    return bool(words & _HALF_FLAGS)
+
+
+def half_products_as_f32() -> bool:
+    """Whether serving runs half-precision many-row products in float32 here: on the CPU backend
+    without half-precision units, unless `BLIP2_JAX_CPU_HALF_PRODUCTS` says half or float32."""
+    choice = os.environ.get(HALF_ENV, "auto")
+    if choice not in ("auto", "half", "float32"):
+        raise ValueError(f"{HALF_ENV} must be auto, half or float32, got {choice!r}")
+    if choice != "auto":
+        return choice == "float32" and jax.default_backend() == "cpu"
+    return enabled() and not cpu_has_half_units()
+
+
+def serving_products(fn):
+    """fn traced with `product_dtype` in force (inference only: a float32 copy of a frozen kernel
+    would be kept for the backward pass in training)."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        token = _F32_PRODUCTS.set(half_products_as_f32())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _F32_PRODUCTS.reset(token)
+    return traced
+
+
+def product_dtype(dtype):
+    """The dtype a many-row product of `dtype` runs in: float32 for a half dtype inside
+    `serving_products` on a CPU without half-precision units, else `dtype`."""
+    dt = np.dtype(dtype)
+    half = dt.itemsize == 2 and jnp.issubdtype(dt, jnp.floating)
+    return np.dtype(np.float32) if half and _F32_PRODUCTS.get() else dtype
 
 
 def split_mesh(mesh=None):
@@ -235,6 +290,7 @@ def layer_linear(x: jax.Array, w: LayerOf, dtype, precision=None) -> jax.Array:
     more rows by `stacked_dot` -> float32 [..., out]. Where the stack's dtype is neither `dtype`
     nor exactly widened to it, the layer's kernel is cast first (a copy), as an unrolled one is."""
     s, rows = w.stack, math.prod(x.shape[:-1])
+    dtype = product_dtype(dtype)
     if isinstance(s, Banded):
         if applies(rows, s.dtype):
             return per_device(lambda x, b, i: banded_dot(x, b.blocks, i), x.astype(dtype), s, w.index)
@@ -306,8 +362,8 @@ def banded_linear(x: jax.Array, w: Banded, dtype) -> jax.Array:
     rows = math.prod(x.shape[:-1])
     if applies(rows, w.dtype):
         return per_device(lambda x, b: banded_dot(x, b.blocks), x.astype(dtype), w).astype(dtype)
-    xb = x.reshape(rows, nb, ib).astype(dtype)
-    blocks = w.blocks.astype(dtype)
+    xb = x.reshape(rows, nb, ib).astype(product_dtype(dtype))
+    blocks = w.blocks.astype(product_dtype(dtype))
 
     def band(b, acc):
         xv = jax.lax.dynamic_index_in_dim(xb, b, 1, keepdims=False)
