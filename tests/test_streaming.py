@@ -184,20 +184,24 @@ def test_products_split_over_host_devices_equal_one_devices(rows):
                 np.testing.assert_array_equal(got, want, err_msg=name)
 
 
-def _dot_operand_dtypes(fn, *args) -> set[str]:
-    """The operand dtypes of every dot_general in fn's program (nested jits and loops included)."""
+def _eqns(fn, *args, name: str):
+    """Every `name` equation of fn's program (nested jits and loops included)."""
     from jax.extend import core
-    found = set()
+    found = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.update(str(v.aval.dtype) for v in eqn.invars)
+            if eqn.primitive.name == name:
+                found.append(eqn)
             for sub in core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+def _dot_operand_dtypes(fn, *args) -> set[str]:
+    return {str(v.aval.dtype) for eqn in _eqns(fn, *args, name="dot_general") for v in eqn.invars}
 
 
 def test_serving_runs_half_products_in_float32_on_cpus_without_half_units(tmp_path, monkeypatch):
@@ -230,6 +234,16 @@ def test_serving_runs_half_products_in_float32_on_cpus_without_half_units(tmp_pa
         for got, w in zip(jax.jit(streaming.serving_products(products))(x, stack, banded), want):
             assert got.dtype == jnp.bfloat16
             np.testing.assert_allclose(np.asarray(got, np.float64), w, rtol=2 ** -7, atol=1e-2)
+        # a language model head's few rows: converted a chunk at a time, never the whole kernel
+        # (XLA would hoist that float32 copy out of a decoding loop and keep it)
+        head = _stack(rng, (4096, 512), jnp.bfloat16)
+        rows = jnp.asarray(rng.standard_normal((8, 512)), jnp.bfloat16)
+        logits = streaming.serving_products(
+            lambda a, k: layers.linear(a, k, jnp.bfloat16, transposed=True, out_dtype=jnp.float32))
+        shapes = {tuple(e.outvars[0].aval.shape) for e in _eqns(logits, rows, head, name="convert_element_type")}
+        assert (4096, 512) not in shapes and any(s[-1] == 512 and s[0] < 4096 for s in shapes), shapes
+        want = np.asarray(rows, np.float64) @ np.asarray(head, np.float64).T
+        np.testing.assert_allclose(np.asarray(jax.jit(logits)(rows, head)), want, rtol=1e-5, atol=1e-4)
         monkeypatch.setenv(streaming.HALF_ENV, "half")
         assert _dot_operand_dtypes(streaming.serving_products(products), x, stack, banded) == {"bfloat16"}
         monkeypatch.setenv(streaming.HALF_ENV, "fast")

@@ -20,7 +20,8 @@
 4. Prints each figure to stderr as it is measured, then both sides side by side with ratios,
    and each of our phases as a fraction of its roofline: decoding max(bytes read / bandwidth,
    FLOPs / peak); image side and prefill FLOPs / peak (FLOPs from XLA's cost analysis of our
-   programs, bytes from the parameter tree).
+   programs, bytes from the parameter tree; for bfloat16 weights the peak is the faster of the
+   bfloat16 and float32 products: a CPU without bfloat16 units serves in float32).
 `--int8`: also our int8 weight-only row.
 `--torch-dtype float32` (with `--dtype bfloat16`): transformers in float32, its fastest on a CPU
 without bfloat16 units (where its bfloat16 matmul is a plain loop), against ours in bfloat16.
@@ -510,9 +511,16 @@ def run_theirs(python: str, d: str, dtype: str) -> dict:
                   f"transformers ({dtype})")
 
 
+def matmul_peak(lim: dict, dtype: str) -> float:
+    """The matmul peak a phase of ours in `dtype` is measured against (see roofline)."""
+    return lim["peak_float32"] if dtype == "float32" else max(lim["peak_bfloat16"], lim["peak_float32"])
+
+
 def roofline(ours: dict, lim: dict, dtype: str) -> dict:
-    """Each phase's roofline seconds and the fraction of it reached."""
-    peak, bw = lim[f"peak_{dtype}"], lim["bandwidth"]
+    """Each phase's roofline seconds and the fraction of it reached. Half-precision weights: the
+    matmul peak is the machine's faster of bfloat16 and float32 (on a CPU without bfloat16 units
+    serving multiplies in float32, `streaming.product_dtype`)."""
+    peak, bw = matmul_peak(lim, dtype), lim["bandwidth"]
     out = {}
     for b in (1, 8):
         r = ours[f"b{b}"]
@@ -582,7 +590,8 @@ def report(name: str, dtype: str, lim: dict, ours: dict, theirs: dict, extra: di
     print(f"| same ids as transformers | " + " | ".join(same) + " | |")
     rf = roofline(ours, lim, dtype)
     print(f"\n# ours, per phase (ms; theirs in brackets) and the fraction of the roofline reached; "
-          f"LLM weights {ours['llm_bytes'] / 2**30:.2f} GiB read per decoding step")
+          f"LLM weights {ours['llm_bytes'] / 2**30:.2f} GiB read per decoding step; matmul peak "
+          f"{matmul_peak(lim, dtype) / 1e9:.0f} GFLOP/s")
     print("| batch | phase | ours ms | transformers ms | roofline ms | fraction of roofline |")
     print("|---|---|---|---|---|---|")
     for b in (1, 8):

@@ -92,7 +92,11 @@ def linear(x: Array, kernel: Array, dtype: Dtype, transposed: bool = False,
     dims = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
     compute = streaming.product_dtype(dtype)
     if compute != dtype:  # serving on a CPU without half-precision units
-        y = jax.lax.dot_general(x.astype(compute), kernel.astype(compute), dims, precision=precision(compute))
+        if transposed and kernel.ndim == 2 and rows < streaming.COPY_ROWS:  # converted a chunk at a time:
+            y = streaming.per_device(  # a float32 copy of the kernel would be hoisted out of decoding's loop
+                lambda a, k: streaming.stacked_dot(a, k[None], 0, jnp.dtype(compute)), x, kernel)
+        else:
+            y = jax.lax.dot_general(x.astype(compute), kernel.astype(compute), dims, precision=precision(compute))
         return y.astype(out_dtype)
     if jnp.dtype(dtype).itemsize == 2 and jnp.dtype(out_dtype) == jnp.float32:
         return half_dot_f32(x.astype(dtype), kernel.astype(dtype), dims)

@@ -245,7 +245,10 @@ def stacked_dot(x: jax.Array, w: jax.Array, layer, dtype, precision=None) -> jax
     -> float32 [..., out]."""
     nb, (out, ib) = (w.shape[1] if w.ndim == 4 else 1), w.shape[-2:]
     x2 = x.reshape(-1, nb, ib).astype(dtype)
-    chunk = min(out, max(64, STACK_CHUNK_BYTES // (nb * ib * np.dtype(w.dtype).itemsize)))
+    chunk = max(64, STACK_CHUNK_BYTES // (nb * ib * np.dtype(w.dtype).itemsize))
+    if np.dtype(dtype) != np.dtype(w.dtype):  # converted chunks: a power of two of channels (2560 wide,
+        chunk = 1 << round(math.log2(chunk))   # 8-48 rows: 256 channels 1.5x faster than 204 or 192)
+    chunk = min(out, chunk)
     dims = (((1,), (1,)), ((), ()))
 
     def product(start):
@@ -362,8 +365,11 @@ def banded_linear(x: jax.Array, w: Banded, dtype) -> jax.Array:
     rows = math.prod(x.shape[:-1])
     if applies(rows, w.dtype):
         return per_device(lambda x, b: banded_dot(x, b.blocks), x.astype(dtype), w).astype(dtype)
-    xb = x.reshape(rows, nb, ib).astype(product_dtype(dtype))
-    blocks = w.blocks.astype(product_dtype(dtype))
+    compute = product_dtype(dtype)
+    if compute != dtype and rows < COPY_ROWS:  # a chunk converted at a time, as in layer_linear
+        return per_device(lambda x, b: stacked_dot(x, b.blocks[None], 0, np.dtype(compute)), x, w).astype(dtype)
+    xb = x.reshape(rows, nb, ib).astype(compute)
+    blocks = w.blocks.astype(compute)
 
     def band(b, acc):
         xv = jax.lax.dynamic_index_in_dim(xb, b, 1, keepdims=False)
