@@ -33,8 +33,8 @@ from blip2_jax import generation, sharding
 from blip2_jax.data import text as text_lib
 from blip2_jax.data.tokenizers import Tokenizer, load_tokenizer, require_tokenizer_files
 from blip2_jax.generation import GenerationOptions
-from blip2_jax.models.blip2 import Blip2
 from blip2_jax.models import streaming
+from blip2_jax.models.blip2 import Blip2
 from blip2_jax.models.configs import Blip2Config, OPTConfig, T5Config
 from blip2_jax.models.qformer import itc_similarity as _itc_similarity
 from blip2_jax.preprocess import InputError
@@ -585,7 +585,6 @@ def split_kernels(shardings: dict, mesh) -> dict:
     """On a mesh of host devices split along "tensor" only (`streaming.split_mesh`), each
     language-model kernel [..., out, in] is placed split by output channel, as a decoding step's
     products stream their shares (`streaming.per_device`); other meshes: `shardings` as given."""
-
     if streaming.split_mesh(mesh) is None:
         return shardings
     P = jax.sharding.PartitionSpec
@@ -603,7 +602,6 @@ def _band_rule(mesh):
     channel over host devices, `split_kernels`), the language model's
     [out, in] kernels (each layer's, when stacked) whose inputs a streamed decoding step reads in
     blocks (`streaming.Banded`)."""
-
     one = mesh.devices.size == 1 or streaming.split_mesh(mesh) is not None
     if not one or jax.default_backend() != "cpu" or not streaming.applies(1, jnp.bfloat16):
         return None
