@@ -224,9 +224,10 @@ def test_serving_runs_half_products_in_float32_on_cpus_without_half_units(tmp_pa
     def products(x, stack, banded):
         return (layers.linear(x, stack[0], jnp.bfloat16, transposed=True),
                 layers.layer_linear(x, streaming.LayerOf(stack, jnp.int32(1)), jnp.bfloat16),
-                layers.layer_linear(x, streaming.LayerOf(banded, jnp.int32(1)), jnp.bfloat16))
+                layers.layer_linear(x, streaming.LayerOf(banded, jnp.int32(1)), jnp.bfloat16),
+                streaming.banded_linear(x, streaming.Banded(banded.blocks[0]), jnp.bfloat16))
 
-    want = [np.asarray(x, np.float64) @ np.asarray(stack[i], np.float64).T for i in (0, 1, 1)]
+    want = [np.asarray(x, np.float64) @ np.asarray(stack[i], np.float64).T for i in (0, 1, 1, 0)]
     with streaming.streaming(True):
         monkeypatch.setenv(streaming.HALF_ENV, "float32")
         assert _dot_operand_dtypes(streaming.serving_products(products), x, stack, banded) == {"float32"}

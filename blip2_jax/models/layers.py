@@ -92,9 +92,9 @@ def linear(x: Array, kernel: Array, dtype: Dtype, transposed: bool = False,
     dims = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
     compute = streaming.product_dtype(dtype)
     if compute != dtype:  # serving on a CPU without half-precision units
-        if transposed and kernel.ndim == 2 and rows < streaming.COPY_ROWS:  # converted a chunk at a time:
-            y = streaming.per_device(  # a float32 copy of the kernel would be hoisted out of decoding's loop
-                lambda a, k: streaming.stacked_dot(a, k[None], 0, jnp.dtype(compute)), x, kernel)
+        if transposed and kernel.ndim == 2:  # as a one-layer stack: few rows convert a chunk at a time
+            # (a float32 copy of the whole kernel would be hoisted out of decoding's loop)
+            y = streaming.layer_linear(x, streaming.LayerOf(kernel[None], jnp.int32(0)), dtype)
         else:
             y = jax.lax.dot_general(x.astype(compute), kernel.astype(compute), dims, precision=precision(compute))
         return y.astype(out_dtype)

@@ -366,8 +366,8 @@ def banded_linear(x: jax.Array, w: Banded, dtype) -> jax.Array:
     if applies(rows, w.dtype):
         return per_device(lambda x, b: banded_dot(x, b.blocks), x.astype(dtype), w).astype(dtype)
     compute = product_dtype(dtype)
-    if compute != dtype and rows < COPY_ROWS:  # a chunk converted at a time, as in layer_linear
-        return per_device(lambda x, b: stacked_dot(x, b.blocks[None], 0, np.dtype(compute)), x, w).astype(dtype)
+    if compute != dtype and rows < COPY_ROWS:  # as a one-layer stack: a chunk converted at a time
+        return layer_linear(x, LayerOf(Banded(w.blocks[None]), jnp.int32(0)), dtype).astype(dtype)
     xb = x.reshape(rows, nb, ib).astype(compute)
     blocks = w.blocks.astype(compute)
 
